@@ -1,0 +1,36 @@
+# Everything a fresh machine needs, from the Makefile alone (CI runs `make test`).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-unit demo train-meld train-emorynlp evaluate-meld clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first: the wheel lies on this machine's disk; otherwise a CUDA build is pulled.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,local]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
+
+demo: $(STAMP)
+	$(BIN)/emotion-monitor demo
+
+DATA ?= ../shared/data
+train-meld: $(STAMP)
+	$(BIN)/emotion-monitor train --dataset meld --data-dir $(DATA) --out model/weights/meld
+
+train-emorynlp: $(STAMP)
+	$(BIN)/emotion-monitor train --dataset emorynlp --data-dir $(DATA) --out model/weights/emorynlp
+
+clean:
+	rm -rf $(VENV) .pytest_cache

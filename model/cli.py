@@ -1,0 +1,126 @@
+"""`emotion-monitor train` and `emotion-monitor evaluate` (the model side of the CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the emotion + speaker-identification model",
+        description="Train the multi-task model (emotion recognition + speaker identification on the Friends "
+        "transcripts) and write an artifact folder: config.json, labels.json, model.safetensors, dev metrics, "
+        "training curves and a dev confusion matrix. Uses CUDA when present.",
+    )
+    p.add_argument("--dataset", choices=["meld", "emorynlp"], required=True, help="emotion dataset (its train split trains, its dev split selects)")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with meld/, emorynlp/, friends/ (default: $EMOTION_MONITOR_DATA_DIR or ../shared/data)")
+    p.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    p.add_argument("--config", type=Path, default=None, help="recipe TOML (default: model/configs/<dataset>.toml)")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe or model field, e.g. --set si_weight=0 --set cross_attention=false (repeatable)")
+    p.set_defaults(func=run_train)
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a trained model on a MELD CSV or EmoryNLP JSON file",
+        description="Weighted-F1 over the emotion classes in three modes: offline (whole dialogue, as in the paper), "
+        "final (streaming with the model's lookahead) and provisional (past context only); per-class F1 and a "
+        "confusion-matrix PNG. With --json the last line printed is one JSON object.",
+    )
+    p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld", help="artifact folder (default: the shipped MELD model)")
+    p.add_argument("--dataset", choices=["meld", "emorynlp"], required=True, help="format of --data")
+    p.add_argument("--data", type=Path, required=True, help="a MELD CSV or an EmoryNLP JSON file")
+    p.add_argument("--plot", type=Path, default=None, help="confusion-matrix PNG to write (default: confusion_<file>.png here)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run_evaluate)
+
+
+def _parse_value(v: str):
+    low = v.lower()
+    if low in {"true", "false"}:
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from model.config import ModelConfig, TrainConfig
+    from model.data import default_data_dir
+    from model.train import Trainer
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    recipe, model = {}, {}
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = (x.strip() for x in item.split("=", 1))
+        if k in train_fields:
+            recipe[k] = _parse_value(v)
+        elif k in model_fields:
+            model[k] = _parse_value(v)
+        else:
+            raise SystemExit(f"--set {k}: not a field of the recipe or the model; see model/config.py")
+    config = args.config or CONFIG_DIR / f"{args.dataset}.toml"
+    recipe.update({k: v for k, v in (("seed", args.seed), ("epochs", args.epochs)) if v is not None})
+    cfg = TrainConfig.from_toml(config, model_overrides=model, **recipe)
+    if cfg.dataset != args.dataset:
+        raise SystemExit(f"{config} is a recipe for {cfg.dataset}, not {args.dataset}")
+    result = Trainer(cfg, args.data_dir or default_data_dir(), args.out).setup().train()
+    dev = result["dev"]
+    print(f"dev weighted-F1: offline {dev['weighted_f1_offline']:.2f}  final {dev['weighted_f1_final']:.2f}  "
+          f"provisional {dev['weighted_f1_provisional']:.2f}  (best epoch {result['best_epoch']})")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from model.artifact import load_artifact
+    from model.data import load_dataset
+    from model.evaluate import evaluate, plot_confusion
+    from model.modeling import load_tokenizer
+
+    model, config = load_artifact(args.model)
+    dialogues = load_dataset(args.dataset, args.data)
+    metrics, probs, gold = evaluate(model, load_tokenizer(), dialogues)
+    plot = args.plot or Path(f"confusion_{args.data.stem}.png")
+    plot_confusion(gold, probs["final"].argmax(-1), model.cfg.emotion_labels, plot, f"{args.data.name}, final")
+    metrics["model"] = f"{config['name']}@{config['version']}"
+    metrics["confusion_png"] = str(plot)
+    print(f"{metrics['n_utterances']} utterances, model {metrics['model']}")
+    for mode in ("offline", "final", "provisional"):
+        per = "  ".join(f"{k} {v:.1f}" for k, v in metrics["per_class"][mode].items())
+        print(f"  {mode:<12} weighted-F1 {metrics[f'weighted_f1_{mode}']:6.2f}   per class: {per}")
+    print(f"confusion matrix (final): {plot}")
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train(sub)
+    add_evaluate(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Loaders for MELD (CSV), EmoryNLP (JSON) and the Friends transcripts (the SI corpus).
+
+Everything is read in place from a data directory (never copied into the project). Loaders
+return plain `Dialogue` objects; labels are names, mapped to indices by the caller.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+MELD_LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+EMORYNLP_LABELS = ("Neutral", "Joyful", "Peaceful", "Powerful", "Scared", "Mad", "Sad")
+LABELS = {"meld": MELD_LABELS, "emorynlp": EMORYNLP_LABELS}
+# Speaker identification targets: the six main characters, everyone else is "other".
+SPEAKERS = ("Rachel", "Ross", "Chandler", "Monica", "Joey", "Phoebe", "other")
+
+SPLIT_FILES = {
+    ("meld", "train"): "meld/train_sent_emo.csv",
+    ("meld", "dev"): "meld/dev_sent_emo.csv",
+    ("emorynlp", "train"): "emorynlp/emotion-detection-trn.json",
+    ("emorynlp", "dev"): "emorynlp/emotion-detection-dev.json",
+}
+FRIENDS_FILE = "friends/friends_transcripts.jsonl"
+
+
+@dataclass(frozen=True)
+class Utterance:
+    text: str
+    speaker: str
+    emotion: str | None = None
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    id: str
+    utterances: tuple[Utterance, ...]
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+
+def default_data_dir() -> Path:
+    """`--data-dir` default: $EMOTION_MONITOR_DATA_DIR, else ../shared/data when it exists."""
+    env = os.environ.get("EMOTION_MONITOR_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path("../shared/data")
+
+
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": " - ", "\u2013": "-", "\u0092": "'", "\u0085": "..."})
+
+
+def normalize_text(text: str) -> str:
+    """One spelling for quotes and dashes (MELD mixes curly and straight), NFKC, squeezed spaces."""
+    text = unicodedata.normalize("NFKC", text.translate(_QUOTES))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def is_group_speaker(name: str) -> bool:
+    n = name.strip().lower()
+    return n in {"all", "#all#", "everyone", "both"} or " and " in n or "," in n or n.startswith("#")
+
+
+def speaker_class(name: str | None) -> str | None:
+    """Map a speaker to an SI class: first name of a main character, "other", or None when the
+    utterance has several speakers ("All", "Ross and Joey") and so no single answer."""
+    if not name or is_group_speaker(name):
+        return None
+    first = name.strip().split()[0].capitalize()
+    return first if first in SPEAKERS else "other"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{what} not found at {path}. Pass --data-dir pointing at a folder with "
+            f"meld/, emorynlp/ and friends/ (see README, 'Data')."
+        )
+    return path
+
+
+def load_meld(path: str | Path) -> list[Dialogue]:
+    """MELD CSV (`Utterance, Speaker, Emotion, Dialogue_ID, Utterance_ID, ...`), dialogues in file order."""
+    path = _require(Path(path), "MELD CSV")
+    groups: dict[str, list[tuple[int, Utterance]]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"Utterance", "Speaker", "Dialogue_ID", "Utterance_ID"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: not a MELD CSV, missing columns {sorted(missing)}")
+        for row in reader:
+            emotion = (row.get("Emotion") or "").strip().lower() or None
+            utt = Utterance(normalize_text(row["Utterance"]), normalize_text(row["Speaker"]), emotion)
+            groups.setdefault(row["Dialogue_ID"].strip(), []).append((int(row["Utterance_ID"]), utt))
+    # Utterance_IDs have gaps in some dialogues: order by id, keep every row.
+    return [Dialogue(f"meld-{d}", tuple(u for _, u in sorted(rows, key=lambda r: r[0]))) for d, rows in groups.items()]
+
+
+def load_emorynlp(path: str | Path) -> list[Dialogue]:
+    """EmoryNLP JSON: episodes -> scenes -> utterances {speakers[], transcript, emotion}."""
+    path = _require(Path(path), "EmoryNLP JSON")
+    with open(path, encoding="utf-8") as fh:
+        raw = json.load(fh)
+    dialogues = []
+    for ep in raw["episodes"]:
+        for scene in ep["scenes"]:
+            utts = []
+            for u in scene["utterances"]:
+                speakers = u.get("speakers") or []
+                speaker = speakers[0] if len(speakers) == 1 else " and ".join(speakers) or "unknown"
+                utts.append(Utterance(normalize_text(u["transcript"]), normalize_text(speaker), u.get("emotion")))
+            if utts:
+                dialogues.append(Dialogue(f"emorynlp-{scene['scene_id']}", tuple(utts)))
+    return dialogues
+
+
+def load_dataset(name: str, path: str | Path) -> list[Dialogue]:
+    if name == "meld":
+        return load_meld(path)
+    if name == "emorynlp":
+        return load_emorynlp(path)
+    raise ValueError(f"unknown dataset {name!r}: use meld or emorynlp")
+
+
+def split_path(data_dir: str | Path, dataset: str, split: str) -> Path:
+    return Path(data_dir) / SPLIT_FILES[(dataset, split)]
+
+
+def load_friends(path: str | Path, exclude_texts: Iterable[str] = ()) -> list[Dialogue]:
+    """Friends transcripts as scenes of (text, speaker), scene directions dropped.
+
+    `exclude_texts`: utterances of the dev set being selected on. A scene sharing two or more
+    of them (normalised, four words or longer) is left out, so speaker labels of dev dialogues
+    never reach training.
+    """
+    path = _require(Path(path), "Friends transcripts (SI corpus)")
+    excluded = {normalize_text(t).lower() for t in exclude_texts if len(t.split()) >= 4}
+    scenes: dict[str, list[Utterance]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row.get("is_scene_direction") or not row.get("text"):
+                continue
+            speaker = row.get("speaker") or "unknown group"
+            scenes.setdefault(row["scene_id"], []).append(Utterance(normalize_text(row["text"]), speaker))
+    out = []
+    for sid, utts in scenes.items():
+        if excluded and sum(u.text.lower() in excluded for u in utts) >= 2:
+            continue
+        out.append(Dialogue(f"friends-{sid}", tuple(utts)))
+    return out
+
+
+def chunk(dialogues: Iterable[Dialogue], size: int) -> list[Dialogue]:
+    """Cut long scenes into consecutive chunks of at most `size` utterances."""
+    out = []
+    for d in dialogues:
+        for i in range(0, len(d), size):
+            out.append(Dialogue(f"{d.id}#{i}", d.utterances[i : i + size]))
+    return out
+
+
+def party_ids(speakers: Iterable[str], num_parties: int) -> list[int]:
+    """Order of first appearance of each speaker in the conversation, capped at num_parties - 1."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in speakers:
+        if s not in seen:
+            seen[s] = min(len(seen), num_parties - 1)
+        out.append(seen[s])
+    return out

