@@ -20,7 +20,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_cli.add_train(sub)
     model_cli.add_evaluate(sub)
+    p = sub.add_parser(
+        "worker",
+        help="run the streaming worker (faust) over Kafka and Redis",
+        description="Consume `utterances`, publish emotion events to `emotions` and bad input to `utterances-dlq`, "
+        "keeping each conversation's state in Redis. Configured from the environment "
+        "(EMOTION_MONITOR_*; `emotion-monitor settings` lists them).",
+    )
+    p.set_defaults(func=run_worker_cmd)
+    p = sub.add_parser("settings", help="list the settings (environment variables), their defaults and current values")
+    p.set_defaults(func=run_settings_cmd)
     return parser
+
+
+def run_worker_cmd(args: argparse.Namespace) -> int:
+    from stream.settings import Settings
+    from stream.worker import run_worker
+
+    # faust's Worker parses sys.argv itself: leave it only the program name.
+    sys.argv = sys.argv[:1]
+    run_worker(Settings())
+    return 0
+
+
+def run_settings_cmd(args: argparse.Namespace) -> int:
+    from stream.settings import Settings
+
+    current = Settings()
+    for name, field in Settings.model_fields.items():
+        value = getattr(current, name)
+        shown = "********" if "password" in name and value is not None else value
+        print(f"EMOTION_MONITOR_{name.upper():<24} {str(shown):<40} {field.description or ''}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

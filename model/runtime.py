@@ -1,0 +1,63 @@
+"""What the stream side needs from a trained artifact: encode texts, step conversations.
+
+The device is chosen at start-up ("auto": CUDA when present, else CPU). Backends beyond eager
+PyTorch (torch.compile, TensorRT) plug in here (see the speed issue).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.artifact import load_artifact
+from model.inference import encode_texts
+from model.modeling import load_tokenizer
+from model.streaming import DialogueState, Scored, step
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+class Scorer:
+    def __init__(self, artifact: str | Path, device: str = "auto"):
+        self.device = resolve_device(device)
+        model, config = load_artifact(artifact, self.device)
+        self._bind(model, config)
+
+    @classmethod
+    def from_model(cls, model, name: str = "untrained", version: str = "0") -> "Scorer":
+        """Wrap an in-memory model (tests, notebooks)."""
+        self = cls.__new__(cls)
+        self.device = next(model.parameters()).device
+        self._bind(model.eval(), {"name": name, "version": version})
+        return self
+
+    def _bind(self, model, config) -> None:
+        self.model, self.config = model, config
+        self.tokenizer = load_tokenizer()
+        self.labels = model.cfg.emotion_labels
+        self.model_id = f"{config['name']}@{config['version']}"
+
+    @property
+    def window(self) -> int:
+        return self.model.cfg.window
+
+    @property
+    def lookahead(self) -> int:
+        return self.model.cfg.lookahead
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.model.encoder.dim), dtype=np.float32)
+        return encode_texts(self.model, self.tokenizer, list(texts)).cpu().numpy()
+
+    def step(self, states: list[DialogueState], vectors: np.ndarray, speakers: list[str]) -> tuple[list[DialogueState], list[list[Scored]]]:
+        return step(self.model, states, vectors, speakers)

@@ -1,0 +1,213 @@
+"""The worker: faust agent over `utterances` -> `emotions` (+ `utterances-dlq`), state in Redis.
+
+Per micro-batch (DESIGN.md, "Data flow"):
+  1. decode and validate every message (bad ones -> DLQ with the original bytes and the reason);
+  2. read the batch's conversations from Redis (one MGET);
+  3. encode the new utterances (one encoder call) and step every conversation (`stream.logic.step`);
+  4. publish the events and DLQ records and wait for the broker's acks;
+  5. write the states back (one MULTI/EXEC) -- only after the events are acked, so a crash
+     in between leads to a redelivery that re-emits the same event ids, never to a lost event.
+The idle timer finalises conversations of this worker's partitions that went quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from stream.logic import Conversation, StepConfig, end_conversation, step
+from stream.settings import Settings
+from stream.state_store import StateStore
+from stream.validate import End, Rejected, Utterance, parse_message
+
+log = logging.getLogger("emotion_monitor.worker")
+
+
+class BatchProcessor:
+    """Kafka-free, Redis-thin core of the agent; `publish` is an async callable(topic, key, value)."""
+
+    def __init__(self, settings: Settings, scorer, store: StateStore, publish):
+        self.s = settings
+        self.scorer = scorer
+        self.store = store
+        self.publish = publish
+        self.cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, settings.echo_text)
+        self.lock = asyncio.Lock()  # the agent and the idle timer never interleave on a conversation
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.counts: Counter[str] = Counter()
+
+    async def process(self, messages: list[tuple[bytes | None, bytes | None, int, int]]) -> None:
+        """messages: (key, value, partition, offset) in consumption order."""
+        async with self.lock:
+            await self._process(messages)
+
+    async def _process(self, messages) -> None:
+        now = time.time()
+        inputs: list[Utterance | End] = []
+        origin: list[tuple[bytes | None, bytes | None, int, int]] = []
+        dlq: list[dict[str, Any]] = []
+        for key, value, partition, offset in messages:
+            parsed = parse_message(value, key, self.s.max_message_bytes, self.s.max_text_chars)
+            if isinstance(parsed, Rejected):
+                dlq.append(self._dlq_record(parsed, key, value, partition, offset, now))
+            else:
+                inputs.append(parsed)
+                origin.append((key, value, partition, offset))
+        self.counts["in"] += len(messages)
+        partitions = {item.conversation_id: origin[i][2] for i, item in enumerate(inputs)}
+        events: list[dict[str, Any]] = []
+        new_convs: dict[str, Conversation] = {}
+        if inputs:
+            convs = await self.store.load(partitions)
+            loop = asyncio.get_running_loop()
+            new_convs, outcome = await loop.run_in_executor(self.executor, self._compute, convs, inputs, now)
+            events = outcome.events
+            for i, why in outcome.rejected:
+                key, value, partition, offset = origin[i]
+                dlq.append(self._dlq_record(why, key, value, partition, offset, now))
+            self.counts["duplicates"] += len(outcome.duplicates)
+        await self._publish(events, dlq)
+        await self.store.save(new_convs, partitions)
+
+    def _compute(self, convs, inputs, now):
+        texts = [x.text if isinstance(x, Utterance) else "" for x in inputs]
+        idx = [i for i, x in enumerate(inputs) if isinstance(x, Utterance)]
+        vectors = np.zeros((len(inputs), self.scorer.model.encoder.dim), dtype=np.float32)
+        if idx:
+            vectors[idx] = self.scorer.encode([texts[i] for i in idx])
+        return step(self.cfg, self.scorer.step, convs, inputs, vectors, now)
+
+    async def finalize_idle(self, partition: int) -> int:
+        """Finalise conversations of `partition` idle for longer than idle_finalize_s."""
+        async with self.lock:
+            now = time.time()
+            cids = await self.store.idle_since(partition, now - self.s.idle_finalize_s)
+            if not cids:
+                return 0
+            convs = await self.store.load(cids)
+            events: list[dict[str, Any]] = []
+            done: dict[str, Conversation] = {}
+            for cid, conv in convs.items():
+                if conv is not None and not conv.ended:
+                    done[cid] = end_conversation(self.cfg, cid, conv, now, events)
+            await self._publish(events, [])
+            await self.store.save(done, {c: partition for c in done})
+            await self.store.forget_idle(partition, [c for c in cids if c not in done])
+            self.counts["idle_finalized"] += len(done)
+            return len(done)
+
+    async def _publish(self, events: list[dict[str, Any]], dlq: list[dict[str, Any]]) -> None:
+        sends = [self.publish(self.s.emotions_topic, ev["conversation_id"].encode(), _dumps(ev)) for ev in events]
+        sends += [self.publish(self.s.dlq_topic, None, _dumps(rec)) for rec in dlq]
+        if sends:
+            await asyncio.gather(*sends)
+        for ev in events:
+            self.counts[f"events_{ev['status']}"] += 1
+        for rec in dlq:
+            self.counts[f"dlq_{rec['error']}"] += 1
+            # The reason only: the bytes may hold transcript text.
+            log.warning("dead-lettered a message from partition %s offset %s: %s", rec["partition"], rec["offset"], rec["reason"])
+
+    def _dlq_record(self, why: Rejected, key, value, partition, offset, now) -> dict[str, Any]:
+        return {
+            "reason": why.reason,
+            "error": why.error,
+            "topic": self.s.utterances_topic,
+            "partition": partition,
+            "offset": offset,
+            "key_b64": base64.b64encode(key).decode() if key is not None else None,
+            "value_b64": base64.b64encode(value or b"").decode(),
+            "ts_received": now,
+        }
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def build_app(settings: Settings, scorer):
+    """The faust app with its agent and idle timer (the thin Kafka adapter)."""
+    import redis.asyncio as aioredis
+
+    from stream.faust_app import MonitorApp
+
+    app = MonitorApp(
+        settings.app_id,
+        broker=settings.broker_list,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        producer_acks=-1,
+        web_port=settings.web_port,
+        web_bind="127.0.0.1",
+        autodiscover=False,
+        store="memory://",
+    )
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    # Keys are namespaced by app id: two deployments (say a MELD and an EmoryNLP model) can share
+    # one Redis without one's idle timer finalising the other's conversations.
+    store = StateStore(aioredis.from_url(settings.redis_url, password=password), settings.state_ttl_s, prefix=f"em:{settings.app_id}")
+    source = app.topic(settings.utterances_topic, partitions=settings.partitions)
+    topics = {name: app.topic(name, partitions=settings.partitions) for name in (settings.emotions_topic, settings.dlq_topic)}
+
+    async def publish(topic: str, key: bytes | None, value: bytes) -> None:
+        fut = await topics[topic].send(key=key, value=value)
+        await fut  # the broker's ack: only then is the state written
+
+    processor = BatchProcessor(settings, scorer, store, publish)
+    app.processor = processor  # for tests and metrics
+
+    @app.agent(source, concurrency=1)
+    async def monitor(stream):
+        async for batch in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000.0):
+            msgs = [(e.message.key, e.message.value, e.message.partition, e.message.offset) for e in batch]
+            try:
+                await processor.process(msgs)
+            except Exception:
+                # Redis or broker trouble: log without payloads and let faust crash the agent,
+                # so the batch is redelivered (offsets are not committed past it).
+                log.exception("batch of %d messages failed", len(msgs))
+                raise
+
+    @app.timer(interval=max(0.25, settings.idle_finalize_s / 4))
+    async def finalize_idle() -> None:
+        assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic}
+        for p in sorted(assigned):
+            await processor.finalize_idle(p)
+
+    @app.timer(interval=30.0)
+    async def report() -> None:
+        if processor.counts:
+            log.info("counts: %s", dict(sorted(processor.counts.items())))
+
+    return app
+
+
+def run_worker(settings: Settings) -> None:
+    """Load the model, make sure the topics exist, then hand over to faust's worker."""
+    import faust
+
+    from model.runtime import Scorer
+    from stream.localstack import create_topics
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scorer = Scorer(settings.model_path, settings.device)
+    log.info("model %s on %s (lookahead %d, window %d)", scorer.model_id, scorer.device, scorer.lookahead, scorer.window)
+    topics = {t: settings.partitions for t in (settings.utterances_topic, settings.emotions_topic, settings.dlq_topic)}
+    asyncio.run(create_topics(settings.bootstrap_servers(), topics))
+    app = build_app(settings, scorer)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    worker.execute_from_commandline()

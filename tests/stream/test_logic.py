@@ -1,0 +1,98 @@
+"""The pure stream logic, driven directly with a tiny real model (no Kafka, no Redis)."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.modeling import EmotionSIModel
+from model.runtime import Scorer
+from stream.logic import Conversation, StepConfig, event_id, step
+from stream.validate import End, Utterance
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    torch.manual_seed(5)
+    return Scorer.from_model(EmotionSIModel(tiny_config(lookahead=2, window=4)), "tiny", "1")
+
+
+def utt(cid, seq, text=None, speaker=None, role=None):
+    text = text or f"{cid} says thing number {seq}"
+    return Utterance(cid, seq, speaker or ("cust" if seq % 2 else "agent"), role, text, 100.0 + seq, f"d{cid}{seq}{text}")
+
+
+def run(scorer, convs, items, now=1000.0):
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    vecs = np.zeros((len(items), 32), dtype=np.float32)
+    idx = [i for i, x in enumerate(items) if isinstance(x, Utterance)]
+    if idx:
+        vecs[idx] = scorer.encode([items[i].text for i in idx])
+    return step(cfg, scorer.step, convs, items, vecs, now)
+
+
+def finals(events):
+    return [(e["conversation_id"], e["seq"]) for e in events if e["status"] == "final"]
+
+
+def test_event_sequence_for_one_conversation(scorer):
+    convs, out = run(scorer, {"c": None}, [utt("c", i) for i in range(5)] + [End("c", None)])
+    ev = out.events
+    assert [e["seq"] for e in ev if e["status"] == "provisional"] == [0, 1, 2, 3, 4]
+    assert finals(ev) == [("c", 0), ("c", 1), ("c", 2), ("c", 3), ("c", 4)]  # L=2 -> 0,1,2 in stream, 3,4 at end
+    assert all(set(e["scores"]) == set(scorer.labels) and abs(sum(e["scores"].values()) - 1) < 1e-3 for e in ev)
+    assert all("text" not in e for e in ev)  # no transcript text unless configured
+    assert convs["c"].ended and not convs["c"].pending
+    for e in ev:
+        if e["status"] == "revised":  # a revision changes the label relative to the last one emitted
+            earlier = [x for x in ev if x["seq"] == e["seq"] and x["ts_emitted"] <= e["ts_emitted"] and x is not e]
+            assert earlier and earlier[-1]["emotion"] != e["emotion"]
+
+
+def test_batch_split_gives_the_same_events_as_one_batch(scorer):
+    """Interleaved conversations, processed in one batch or one message at a time: same final events."""
+    items = [utt("a", 0), utt("b", 0), utt("a", 1), utt("a", 2), utt("b", 1), utt("a", 3), End("a", None), End("b", None)]
+    _, whole = run(scorer, {"a": None, "b": None}, items)
+    convs, events = {"a": None, "b": None}, []
+    for item in items:
+        new, out = run(scorer, {item.conversation_id: convs[item.conversation_id]}, [item])
+        convs.update(new)
+        events += out.events
+    key = lambda e: (e["event_id"], e["emotion"], tuple(round(v, 4) for v in e["scores"].values()))  # noqa: E731
+    assert sorted(map(key, whole.events)) == sorted(map(key, events))
+    assert sorted(finals(events)) == [("a", 0), ("a", 1), ("a", 2), ("a", 3), ("b", 0), ("b", 1)]
+
+
+def test_redelivery_is_recognised_and_regressions_rejected(scorer):
+    convs, _ = run(scorer, {"c": None}, [utt("c", 0), utt("c", 1), utt("c", 2)])
+    again, out = run(scorer, convs, [utt("c", 1), utt("c", 2, text="something else entirely"), utt("c", 3)])
+    assert out.duplicates == [0]
+    assert [(i, r.error) for i, r in out.rejected] == [(1, "seq_regression")]
+    assert [e["seq"] for e in out.events if e["status"] == "provisional"] == [3]
+    assert again["c"].last_seq == 3
+
+
+def test_state_lost_midway_flags_a_context_reset(scorer):
+    _, out = run(scorer, {"c": None}, [utt("c", 7)])
+    assert out.events[0]["context_reset"] is True
+    _, out = run(scorer, {"d": None}, [utt("d", 0)])
+    assert out.events[0]["context_reset"] is False
+
+
+def test_utterance_after_end_is_rejected(scorer):
+    convs, _ = run(scorer, {"c": None}, [utt("c", 0), End("c", None)])
+    _, out = run(scorer, convs, [utt("c", 1)])
+    assert [r.error for _, r in out.rejected] == ["conversation_ended"] and not out.events
+
+
+def test_conversation_round_trips_through_bytes(scorer):
+    convs, _ = run(scorer, {"c": None}, [utt("c", 0, role="customer"), utt("c", 1)])
+    back = Conversation.from_bytes(convs["c"].to_bytes())
+    assert back.last_seq == 1 and back.pending.keys() == convs["c"].pending.keys()
+    assert back.pending[0].role == "customer" and back.recent == convs["c"].recent
+
+
+def test_event_ids_are_deterministic_and_distinct():
+    a = event_id("m@1", "c", 3, "final")
+    assert a == event_id("m@1", "c", 3, "final") and len(a) == 32
+    assert len({a, event_id("m@1", "c", 3, "provisional"), event_id("m@1", "c", 3, "revised", 4), event_id("m@1", "c", 3, "revised", 5)}) == 4

@@ -1,0 +1,172 @@
+"""The worker through a real broker and a real Redis, with the real model code (tiny config)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from model.artifact import load_artifact
+from model.data import Dialogue, Utterance
+from model.inference import score_dialogues
+from model.modeling import load_tokenizer
+from stream.localstack import create_topics
+from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
+
+pytestmark = pytest.mark.integration
+
+LINES = [
+    "I have been waiting for an hour, this is ridiculous!",
+    "I'm sorry about the wait, let me look into it right away.",
+    "My card was charged twice for the same order.",
+    "I can see that, I'm refunding the second charge now.",
+    "Oh, thank you, that's a relief.",
+    "Is there anything else I can help you with today?",
+    "No, that's all, have a nice day.",
+]
+
+
+def conversation(cid: str, n: int) -> list[dict]:
+    return [{"conversation_id": cid, "seq": i, "speaker": f"{cid}-{'cust' if i % 2 == 0 else 'agent'}",
+             "role": "customer" if i % 2 == 0 else "agent", "text": LINES[(i + len(cid)) % len(LINES)]} for i in range(n)]
+
+
+def interleave(convs: list[list[dict]]) -> list[dict]:
+    out, i = [], 0
+    while any(i < len(c) for c in convs):
+        out += [c[i] for c in convs if i < len(c)]
+        i += 1
+    return out
+
+
+def end(cid: str) -> dict:
+    return {"type": "end", "conversation_id": cid}
+
+
+def offline_scores(artifact, convs: list[list[dict]]) -> dict[str, dict[tuple[str, int], np.ndarray]]:
+    model, _ = load_artifact(artifact)
+    dialogues = [Dialogue(c[0]["conversation_id"], tuple(Utterance(m["text"], m["speaker"], None) for m in c)) for c in convs]
+    probs = score_dialogues(model, load_tokenizer(), dialogues, modes=("final", "provisional"))
+    keys = [(m["conversation_id"], m["seq"]) for c in convs for m in c]
+    return {mode: dict(zip(keys, p)) for mode, p in probs.items()}
+
+
+def scores(ev: dict, labels) -> np.ndarray:
+    return np.array([ev["scores"][lab] for lab in labels])
+
+
+def finals_of(events, cids) -> dict[tuple[str, int], set[str]]:
+    out = defaultdict(set)
+    for e in events:
+        if e["status"] == "final" and e["conversation_id"] in cids:
+            out[(e["conversation_id"], e["seq"])].add(e["event_id"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def worker(stack, tiny_artifact, tmp_path_factory):
+    names = unique_names()
+    run(create_topics(stack.bootstrap, {names["utterances"]: 3, names["emotions"]: 3, names["dlq"]: 1}))
+    w = WorkerProcess(worker_env(stack, tiny_artifact, names, idle_finalize_s=2), tmp_path_factory.mktemp("w") / "worker.log")
+    yield names, w
+    w.stop()
+
+
+def test_streaming_equals_offline_on_interleaved_conversations(stack, worker, tiny_artifact):
+    names, w = worker
+    convs = [conversation(f"eq-{k}", n) for k, n in enumerate([7, 5, 3, 1])]
+    cids = {c[0]["conversation_id"] for c in convs}
+    run(produce(stack.bootstrap, names["utterances"], interleave(convs) + [end(c) for c in sorted(cids)]))
+    total = sum(len(c) for c in convs)
+    events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, cids)) >= total, timeout_s=90))
+    finals = finals_of(events, cids)
+    assert len(finals) == total, w.tail()
+    assert all(len(ids) == 1 for ids in finals.values())  # exactly one final event id per utterance
+    expected = offline_scores(tiny_artifact, convs)
+    labels = load_artifact(tiny_artifact)[0].cfg.emotion_labels
+    mine = [e for e in events if e["conversation_id"] in cids]
+    for e in mine:
+        if e["status"] in ("final", "provisional"):
+            # events carry scores rounded to 5 decimals
+            np.testing.assert_allclose(scores(e, labels), expected[e["status"]][(e["conversation_id"], e["seq"])], atol=2e-5)
+    provisional = {(e["conversation_id"], e["seq"]) for e in mine if e["status"] == "provisional"}
+    assert provisional == set(expected["final"])
+    assert all("text" not in e and e["model"] == {"name": "tiny", "version": "0.0.1"} for e in mine)
+
+
+def test_bad_input_goes_to_the_dlq_and_the_worker_goes_on(stack, worker):
+    names, w = worker
+    good = conversation("dlq-ok", 3)
+    raw_bad = [
+        (b"dlq-ok", b"\xff\xfe\x00"),
+        (b"dlq-ok", b"{broken json"),
+        (b"dlq-ok", json.dumps({"conversation_id": "dlq-ok", "seq": 9, "speaker": "x", "text": ""}).encode()),
+        (b"dlq-ok", json.dumps({"conversation_id": "dlq-ok", "seq": "nine", "speaker": "x", "text": "hi"}).encode()),
+        (b"dlq-ok", json.dumps({"conversation_id": "dlq-ok", "speaker": "x", "text": "hi"}).encode()),
+        (b"dlq-ok", json.dumps({"conversation_id": "dlq-ok", "seq": 9, "speaker": "x", "text": "y" * 5000}).encode()),
+        (b"dlq-ok", b"[1,2,3]"),
+        (b"someone-else", json.dumps({"conversation_id": "dlq-ok", "seq": 9, "speaker": "x", "text": "hi"}).encode()),
+    ]
+    repeat_other = {**good[1], "text": "a different text with a repeated seq"}
+    redelivered = good[1]
+    msgs = [good[0], good[1], *raw_bad, redelivered, repeat_other, good[2], end("dlq-ok")]
+    run(produce(stack.bootstrap, names["utterances"], msgs))
+    dlq = run(collect(stack.bootstrap, names["dlq"], lambda r: len(r) >= len(raw_bad) + 1, timeout_s=60))
+    assert sorted(r["error"] for r in dlq) == sorted(
+        ["not_utf8", "invalid_json", "empty_text", "wrong_type", "missing_field", "text_too_long", "not_an_object",
+         "key_mismatch", "seq_regression"]), w.tail()
+    sent = {v for _, v in raw_bad}
+    assert sent <= {base64.b64decode(r["value_b64"]) for r in dlq}  # the original bytes are kept
+    assert all(r["reason"] and r["topic"] == names["utterances"] and r["offset"] >= 0 for r in dlq)
+    events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {"dlq-ok"})) >= 3, timeout_s=60))
+    finals = finals_of(events, {"dlq-ok"})
+    assert sorted(finals) == [("dlq-ok", 0), ("dlq-ok", 1), ("dlq-ok", 2)] and all(len(v) == 1 for v in finals.values())
+    # the redelivered copy of seq 1 was recognised: one provisional for it, not two
+    assert sum(1 for e in events if e["conversation_id"] == "dlq-ok" and e["seq"] == 1 and e["status"] == "provisional") == 1
+
+
+def test_idle_conversation_is_finalised(stack, worker):
+    names, w = worker
+    conv = conversation("idle-1", 4)  # no end message
+    run(produce(stack.bootstrap, names["utterances"], conv))
+    events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {"idle-1"})) >= 4, timeout_s=60))
+    assert sorted(finals_of(events, {"idle-1"})) == [("idle-1", i) for i in range(4)], w.tail()
+
+
+def test_killed_worker_is_continued_by_another_with_the_same_results(stack, tiny_artifact, tmp_path):
+    names = unique_names()
+    run(create_topics(stack.bootstrap, {names["utterances"]: 3, names["emotions"]: 3, names["dlq"]: 1}))
+    env = worker_env(stack, tiny_artifact, names, idle_finalize_s=30)
+    convs = [conversation(f"kill-{k}", 6) for k in range(3)]
+    cids = {c[0]["conversation_id"] for c in convs}
+    first = [c[:3] for c in convs]
+    rest = [c[3:] for c in convs]
+    a = WorkerProcess(env, tmp_path / "a.log")
+    try:
+        run(produce(stack.bootstrap, names["utterances"], interleave(first)))
+        seen = run(collect(stack.bootstrap, names["emotions"],
+                           lambda ev: sum(e["status"] == "provisional" for e in ev) >= 9, timeout_s=90))
+        assert sum(e["status"] == "provisional" for e in seen) >= 9, a.tail()
+    finally:
+        a.kill()  # SIGKILL mid-conversation: no clean shutdown, no offset commit on the way out
+    b = WorkerProcess(env, tmp_path / "b.log")
+    try:
+        run(produce(stack.bootstrap, names["utterances"], interleave(rest) + [end(c) for c in sorted(cids)]))
+        events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, cids)) >= 18, timeout_s=90))
+    finally:
+        b.stop()
+    finals = finals_of(events, cids)
+    assert len(finals) == 18, b.tail()
+    assert all(len(ids) == 1 for ids in finals.values())  # a repeat may only carry the identical id
+    expected = offline_scores(tiny_artifact, convs)["final"]
+    labels = load_artifact(tiny_artifact)[0].cfg.emotion_labels
+    last = {}
+    for e in events:
+        if e["status"] == "final":
+            last[(e["conversation_id"], e["seq"])] = e
+    for key, e in last.items():  # context survived the kill: same numbers as one uninterrupted run
+        np.testing.assert_allclose(scores(e, labels), expected[key], atol=2e-5)
+    assert not any(e["context_reset"] for e in events)

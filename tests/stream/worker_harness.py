@@ -1,0 +1,111 @@
+"""Helpers for integration tests: a real worker process, a producer and an event collector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(stack, model_path: Path, names: dict[str, str], **extra) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "EMOTION_MONITOR_BROKERS": f"kafka://{stack.bootstrap}",
+        "EMOTION_MONITOR_REDIS_URL": stack.redis_url,
+        "EMOTION_MONITOR_MODEL_PATH": str(model_path),
+        "EMOTION_MONITOR_DEVICE": "cpu",
+        "EMOTION_MONITOR_PARTITIONS": "3",
+        # Short group timeouts: Tansu's first join takes about half the session timeout.
+        "EMOTION_MONITOR_SESSION_TIMEOUT_S": "4",
+        "EMOTION_MONITOR_HEARTBEAT_INTERVAL_S": "0.5",
+        "EMOTION_MONITOR_REBALANCE_TIMEOUT_S": "4",
+        "EMOTION_MONITOR_WEB_PORT": str(free_port()),
+        "EMOTION_MONITOR_APP_ID": names["app_id"],
+        "EMOTION_MONITOR_UTTERANCES_TOPIC": names["utterances"],
+        "EMOTION_MONITOR_EMOTIONS_TOPIC": names["emotions"],
+        "EMOTION_MONITOR_DLQ_TOPIC": names["dlq"],
+        "EMOTION_MONITOR_LOG_LEVEL": "info",
+    }
+    env.update({f"EMOTION_MONITOR_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+def unique_names() -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {"app_id": f"em-test-{tag}", "utterances": f"utt-{tag}", "emotions": f"emo-{tag}", "dlq": f"dlq-{tag}"}
+
+
+class WorkerProcess:
+    def __init__(self, env: dict[str, str], log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env,
+                                     stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+async def produce(bootstrap: str, topic: str, messages: list, pause_s: float = 0.0) -> None:
+    """messages: dicts (sent as JSON, keyed by conversation_id) or (key, raw bytes) tuples."""
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await p.start()
+    try:
+        for m in messages:
+            if isinstance(m, tuple):
+                key, value = m
+            else:
+                m = {**m, "ts": time.time()}
+                key, value = m["conversation_id"].encode(), json.dumps(m).encode()
+            await p.send_and_wait(topic, value, key=key)
+            if pause_s:
+                await asyncio.sleep(pause_s)
+    finally:
+        await p.stop()
+
+
+async def collect(bootstrap: str, topic: str, until, timeout_s: float = 60.0) -> list[dict]:
+    """Read `topic` from the earliest offset until `until(records)` holds or the timeout passes."""
+    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    await c.start()
+    got: list[dict] = []
+    try:
+        end = time.time() + timeout_s
+        while time.time() < end and not until(got):
+            batch = await c.getmany(timeout_ms=300)
+            for recs in batch.values():
+                got.extend(json.loads(r.value) for r in recs)
+    finally:
+        await c.stop()
+    return got
+
+
+def run(coro):
+    return asyncio.run(coro)
