@@ -9,6 +9,9 @@ import argparse
 import sys
 
 from model import cli as model_cli
+from stream.demo import add_demo
+from stream.replay import add_replay
+from stream.watch import add_watch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_cli.add_train(sub)
     model_cli.add_evaluate(sub)
+    add_replay(sub)
+    add_watch(sub)
+    add_demo(sub)
     p = sub.add_parser(
         "worker",
         help="run the streaming worker (faust) over Kafka and Redis",
@@ -58,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as exc:
         print(f"emotion-monitor {args.command}: {exc}", file=sys.stderr)
         return 2
 

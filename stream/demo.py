@@ -1,0 +1,156 @@
+"""`emotion-monitor demo`: the whole pipeline on one machine, end to end.
+
+Starts a local Tansu broker and redis-server, a worker process with the shipped MELD model,
+replays the bundled call-center conversations, shows the events live, shuts everything down
+and ends with one line:
+
+    demo: N utterances in, N final events out, 0 lost, p50 X ms, p99 Y ms
+
+Latency = time the demo's own consumer received the provisional event - `ts` stamped by the
+replay at send time (same clock): produce -> event, through broker, worker, Redis and broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from stream.replay import SAMPLE, load_messages, replay
+from stream.settings import Settings
+from stream.watch import format_event
+
+WARMUP = "demo-warmup"
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline locally on the bundled sample and print a summary line",
+        description=__doc__,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--file", type=Path, default=SAMPLE, help="conversations to replay (.jsonl or MELD .csv)")
+    p.add_argument("--speed", type=float, default=20.0, help="replay speed (X times real time; 0 = all at once)")
+    p.add_argument("--model", type=Path, default=None, help="artifact folder (default: the shipped MELD model)")
+    p.add_argument("--quiet", action="store_true", help="do not print every event")
+    p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    return asyncio.run(_demo(args))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _demo(args) -> int:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from stream.localstack import local_stack
+
+    console = Console()
+    messages = load_messages(args.file)
+    expected = {(m["conversation_id"], m["seq"]) for m in messages if m.get("type", "utterance") == "utterance"}
+    base = Settings()
+    topics = {base.utterances_topic: base.partitions, base.emotions_topic: base.partitions, base.dlq_topic: 1}
+    workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-demo-"))
+    console.print(f"[bold]demo[/]: starting a local Kafka-protocol broker (Tansu) and redis-server (logs in {workdir})")
+    with local_stack(topics, workdir=workdir) as stack:
+        env = {
+            **os.environ,
+            "EMOTION_MONITOR_BROKERS": f"kafka://{stack.bootstrap}",
+            "EMOTION_MONITOR_REDIS_URL": stack.redis_url,
+            "EMOTION_MONITOR_WEB_PORT": str(_free_port()),
+            # Short group timeouts: the first join on Tansu takes about half the session timeout.
+            "EMOTION_MONITOR_SESSION_TIMEOUT_S": "4",
+            "EMOTION_MONITOR_HEARTBEAT_INTERVAL_S": "0.5",
+            "EMOTION_MONITOR_REBALANCE_TIMEOUT_S": "4",
+            "EMOTION_MONITOR_LOG_LEVEL": "warning",
+        }
+        if args.model:
+            env["EMOTION_MONITOR_MODEL_PATH"] = str(args.model)
+        log = workdir / "worker.log"
+        console.print(f"[bold]demo[/]: starting a worker with the model {env.get('EMOTION_MONITOR_MODEL_PATH', base.model_path)}")
+        worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env, stdout=open(log, "wb"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        consumer = AIOKafkaConsumer(base.emotions_topic, bootstrap_servers=stack.bootstrap, group_id=None,
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=10)
+        await consumer.start()
+        finals: dict[tuple[str, int], str] = {}
+        latencies: list[float] = []
+        deadline = time.time() + args.timeout
+        try:
+            # Ready = a warm-up utterance went all the way through (model loaded, partitions assigned).
+            producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False)
+            await producer.start()
+            warm = {"conversation_id": WARMUP, "seq": 0, "speaker": "demo", "text": "Hello, is this thing on?", "ts": time.time()}
+            await producer.send_and_wait(base.utterances_topic, json.dumps(warm).encode(), key=WARMUP.encode())
+            await producer.stop()
+            with console.status("waiting for the worker (model load, consumer group join)..."):
+                while not await _read(consumer, lambda e: e["conversation_id"] == WARMUP, deadline):
+                    if worker.poll() is not None:
+                        raise RuntimeError(f"the worker exited with {worker.returncode}; see {log}")
+            console.print(f"[bold]demo[/]: worker ready; replaying {len(expected)} utterances from {args.file.name} at speed {args.speed}")
+            sender = asyncio.create_task(replay(args.file, stack.bootstrap, base.utterances_topic, speed=args.speed, progress=False))
+
+            def on_event(event: dict) -> bool:
+                key = (event["conversation_id"], event["seq"])
+                if key not in expected:
+                    return False
+                if event["status"] == "provisional" and event.get("ts_produced"):
+                    latencies.append((time.time() - event["ts_produced"]) * 1000.0)
+                if event["status"] == "final":
+                    finals.setdefault(key, event["event_id"])
+                if not args.quiet:
+                    console.print(format_event(event), soft_wrap=True)
+                return False
+
+            while len(finals) < len(expected) and time.time() < deadline:
+                await _read(consumer, on_event, deadline, max_wait=0.5)
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with {worker.returncode}; see {log}")
+            await sender
+        finally:
+            await consumer.stop()
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                try:
+                    worker.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+    lost = len(expected - set(finals))
+    p50, p99 = (np.percentile(latencies, [50, 99]) if latencies else (float("nan"), float("nan")))
+    print(f"demo: {len(expected)} utterances in, {len(finals)} final events out, {lost} lost, p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+    return 0 if lost == 0 else 1
+
+
+async def _read(consumer, handle, deadline: float, max_wait: float = 1.0) -> bool:
+    """Poll once; True when `handle` returned True for one of the events."""
+    hit = False
+    batch = await consumer.getmany(timeout_ms=int(max(0.05, min(max_wait, deadline - time.time())) * 1000))
+    for records in batch.values():
+        for r in records:
+            try:
+                event = json.loads(r.value)
+            except ValueError:
+                continue
+            hit = handle(event) or hit
+    if time.time() > deadline:
+        raise TimeoutError("the demo ran past --timeout; see the worker log")
+    return hit
