@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: venv test test-unit demo train-meld train-emorynlp evaluate-meld clean
 
 $(STAMP): pyproject.toml
+	# redis-server for the local stack (Debian package; skipped when present).
+	bash deploy/install-redis.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first: the wheel lies on this machine's disk; otherwise a CUDA build is pulled.
@@ -20,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration and not slow"
+	$(BIN)/python -m pytest -q -m "not integration"
 
 demo: $(STAMP)
 	$(BIN)/emotion-monitor demo
