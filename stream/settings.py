@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     utterances_topic: str = Field("utterances", description="input topic, key = conversation id")
     emotions_topic: str = Field("emotions", description="output topic for emotion events")
     dlq_topic: str = Field("utterances-dlq", description="dead-letter topic: original bytes + reason")
+    alerts_topic: str = Field("emotion-alerts", description="alert events (rule hits, recoveries)")
+    summaries_topic: str = Field("conversation-summaries", description="one summary event per ended conversation")
     partitions: int = Field(4, ge=1, description="partitions of the topics the worker creates")
     # faust hard-codes 1500 ms; Tansu (the embedded broker) waits the full interval before
     # answering a fetch, which made produce->event latency ~625 ms. 10 ms gives tens of ms.
@@ -39,6 +41,7 @@ class Settings(BaseSettings):
     model_path: Path = Field(DEFAULT_MODEL, description="trained artifact folder")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
     idle_finalize_s: float = Field(30.0, gt=0, description="a conversation idle this long gets its pending utterances finalised")
+    rules_path: Path | None = Field(None, description="alert rules TOML (default: the shipped stream/rules/default.toml)")
     # ---- batching (one encoder call per batch) ----------------------------------------
     max_batch: int = Field(64, ge=1, description="utterances per micro-batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill up")
@@ -48,6 +51,8 @@ class Settings(BaseSettings):
     echo_text: bool = Field(False, description="copy the utterance text into emotion events (personal data)")
     # ---- local stack (make demo, tests) -----------------------------------------------
     web_port: int = Field(6066, ge=0, description="faust web port of the worker")
+    dashboard_host: str = Field("127.0.0.1", description="dashboard bind address")
+    dashboard_port: int = Field(8088, ge=0, description="dashboard HTTP port")
     log_level: str = Field("info", description="worker log level")
 
     @property
