@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +24,6 @@ from rich.console import Console
 from stream.replay import SAMPLE, load_messages, replay
 from stream.settings import Settings
 from stream.watch import format_event
-
-WARMUP = "demo-warmup"
-
 
 def add_demo(sub) -> None:
     p = sub.add_parser(
@@ -51,17 +44,10 @@ def run_demo(args) -> int:
     return asyncio.run(_demo(args))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _demo(args) -> int:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import AIOKafkaConsumer
 
+    from stream.localrun import LocalWorker, local_worker_env, wait_until_ready
     from stream.localstack import local_stack
 
     console = Console()
@@ -72,23 +58,9 @@ async def _demo(args) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-demo-"))
     console.print(f"[bold]demo[/]: starting a local Kafka-protocol broker (Tansu) and redis-server (logs in {workdir})")
     with local_stack(topics, workdir=workdir) as stack:
-        env = {
-            **os.environ,
-            "EMOTION_MONITOR_BROKERS": f"kafka://{stack.bootstrap}",
-            "EMOTION_MONITOR_REDIS_URL": stack.redis_url,
-            "EMOTION_MONITOR_WEB_PORT": str(_free_port()),
-            # Short group timeouts: the first join on Tansu takes about half the session timeout.
-            "EMOTION_MONITOR_SESSION_TIMEOUT_S": "4",
-            "EMOTION_MONITOR_HEARTBEAT_INTERVAL_S": "0.5",
-            "EMOTION_MONITOR_REBALANCE_TIMEOUT_S": "4",
-            "EMOTION_MONITOR_LOG_LEVEL": "warning",
-        }
-        if args.model:
-            env["EMOTION_MONITOR_MODEL_PATH"] = str(args.model)
-        log = workdir / "worker.log"
+        env = local_worker_env(stack, model_path=args.model)
         console.print(f"[bold]demo[/]: starting a worker with the model {env.get('EMOTION_MONITOR_MODEL_PATH', base.model_path)}")
-        worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env, stdout=open(log, "wb"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        worker = LocalWorker(env, workdir / "worker.log")
         consumer = AIOKafkaConsumer(base.emotions_topic, bootstrap_servers=stack.bootstrap, group_id=None,
                                     auto_offset_reset="earliest", fetch_max_wait_ms=10)
         await consumer.start()
@@ -96,16 +68,8 @@ async def _demo(args) -> int:
         latencies: list[float] = []
         deadline = time.time() + args.timeout
         try:
-            # Ready = a warm-up utterance went all the way through (model loaded, partitions assigned).
-            producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False)
-            await producer.start()
-            warm = {"conversation_id": WARMUP, "seq": 0, "speaker": "demo", "text": "Hello, is this thing on?", "ts": time.time()}
-            await producer.send_and_wait(base.utterances_topic, json.dumps(warm).encode(), key=WARMUP.encode())
-            await producer.stop()
             with console.status("waiting for the worker (model load, consumer group join)..."):
-                while not await _read(consumer, lambda e: e["conversation_id"] == WARMUP, deadline):
-                    if worker.poll() is not None:
-                        raise RuntimeError(f"the worker exited with {worker.returncode}; see {log}")
+                await wait_until_ready(stack.bootstrap, base.utterances_topic, consumer, worker, args.timeout)
             console.print(f"[bold]demo[/]: worker ready; replaying {len(expected)} utterances from {args.file.name} at speed {args.speed}")
             sender = asyncio.create_task(replay(args.file, stack.bootstrap, base.utterances_topic, speed=args.speed, progress=False))
 
@@ -123,17 +87,11 @@ async def _demo(args) -> int:
 
             while len(finals) < len(expected) and time.time() < deadline:
                 await _read(consumer, on_event, deadline, max_wait=0.5)
-                if worker.poll() is not None:
-                    raise RuntimeError(f"the worker exited with {worker.returncode}; see {log}")
+                worker.check()
             await sender
         finally:
             await consumer.stop()
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-                try:
-                    worker.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
+            worker.stop()
     lost = len(expected - set(finals))
     p50, p99 = (np.percentile(latencies, [50, 99]) if latencies else (float("nan"), float("nan")))
     print(f"demo: {len(expected)} utterances in, {len(finals)} final events out, {lost} lost, p50 {p50:.0f} ms, p99 {p99:.0f} ms")

@@ -1,0 +1,80 @@
+"""A worker process on the local stack, for `demo` and `bench` (tests have their own harness)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_worker_env(stack, **settings) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "EMOTION_MONITOR_BROKERS": f"kafka://{stack.bootstrap}",
+        "EMOTION_MONITOR_REDIS_URL": stack.redis_url,
+        "EMOTION_MONITOR_WEB_PORT": str(free_port()),
+        # Short group timeouts: the first join on Tansu takes about half the session timeout.
+        "EMOTION_MONITOR_SESSION_TIMEOUT_S": "4",
+        "EMOTION_MONITOR_HEARTBEAT_INTERVAL_S": "0.5",
+        "EMOTION_MONITOR_REBALANCE_TIMEOUT_S": "4",
+        "EMOTION_MONITOR_LOG_LEVEL": "warning",
+    }
+    env.update({f"EMOTION_MONITOR_{k.upper()}": str(v) for k, v in settings.items() if v is not None})
+    return env
+
+
+class LocalWorker:
+    def __init__(self, env: dict[str, str], log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env,
+                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {self.proc.returncode}; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+async def wait_until_ready(bootstrap: str, utterances_topic: str, consumer, worker: LocalWorker, timeout_s: float = 120) -> None:
+    """Ready = a warm-up utterance went all the way through (model loaded, partitions assigned).
+
+    `consumer` is an started AIOKafkaConsumer on the emotions topic; events it reads here are dropped.
+    """
+    from aiokafka import AIOKafkaProducer
+
+    cid = f"warmup-{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        msg = {"conversation_id": cid, "seq": 0, "speaker": "warmup", "text": "Hello, is this thing on?", "ts": time.time()}
+        await producer.send_and_wait(utterances_topic, json.dumps(msg).encode(), key=cid.encode())
+    finally:
+        await producer.stop()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        worker.check()
+        batch = await consumer.getmany(timeout_ms=500)
+        for records in batch.values():
+            if any(json.loads(r.value).get("conversation_id") == cid for r in records):
+                return
+    raise TimeoutError(f"the worker did not answer within {timeout_s:.0f} s; see {worker.log}")
