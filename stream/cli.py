@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from model import cli as model_cli
+from stream.bench import add_bench
 from stream.demo import add_demo
 from stream.replay import add_replay
 from stream.watch import add_watch
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay(sub)
     add_watch(sub)
     add_demo(sub)
+    add_bench(sub)
     p = sub.add_parser(
         "worker",
         help="run the streaming worker (faust) over Kafka and Redis",

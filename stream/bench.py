@@ -1,0 +1,260 @@
+"""`emotion-monitor bench`: the worker's speed, measured side by side in one run.
+
+Figures (same utterances, same model, same machine, one run, since this machine is noisy):
+  encoder_utt_per_s        the bare encoder in batches (the ceiling)
+  pipeline_utt_per_s       sustained through the broker, the worker and Redis (utterances -> provisional events)
+  naive_utt_per_s          a naive consumer scoring each message alone (same encoder, batch of 1, no context)
+  latency_p50_ms / p99     produce -> provisional event seen by a consumer, at half the sustained rate
+  step_ms_ratio_long_short per-utterance cost (state load + step + events + state save, encoder excluded)
+                           at position 200 of a conversation over position 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from stream.replay import SAMPLE, load_messages
+from stream.settings import Settings
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure encoder, pipeline and naive throughput, latency and per-utterance cost",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per measured phase, roughly (default 20)")
+    p.add_argument("--conversations", type=int, default=32, help="concurrent conversations in the load (default 32)")
+    p.add_argument("--model", type=Path, default=None, help="artifact folder (default: the shipped MELD model)")
+    p.add_argument("--device", default="cpu", help="torch device for the in-process phases and the worker (default cpu)")
+    p.set_defaults(func=run_bench)
+
+
+def _texts() -> list[str]:
+    return [m["text"] for m in load_messages(SAMPLE) if m.get("type", "utterance") == "utterance"]
+
+
+def _load(n_conv: int, n_utts: int, seed: int = 7) -> list[dict]:
+    """n_utts utterances over n_conv conversations, interleaved round-robin, texts from the sample."""
+    rng = random.Random(seed)
+    texts = _texts()
+    tag = uuid.uuid4().hex[:6]
+    per = -(-n_utts // n_conv)
+    out = []
+    for i in range(per):
+        for c in range(n_conv):
+            if len(out) < n_utts:
+                out.append({"conversation_id": f"bench-{tag}-{c}", "seq": i, "speaker": f"s{c}-{i % 2}",
+                            "role": "customer" if i % 2 == 0 else "agent", "text": rng.choice(texts)})
+    return out
+
+
+# ---- in-process phases -------------------------------------------------------------------
+def encoder_rate(scorer, seconds: float, batch: int) -> float:
+    texts = _texts()
+    scorer.encode(texts[:batch])  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        chunk = random.sample(texts, min(batch, len(texts)))
+        scorer.encode(chunk)
+        n += len(chunk)
+    return n / (time.perf_counter() - t0)
+
+
+def step_cost_ratio(scorer, repeats: int = 40) -> tuple[float, float]:
+    """Median ms per utterance at positions 5 and 200 (state bytes in, step, events, state bytes out)."""
+    from stream.logic import Conversation, StepConfig, step
+    from stream.validate import Utterance
+
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    dim = scorer.model.encoder.dim
+    rng = np.random.default_rng(0)
+    conv: Conversation | None = None
+    snapshots: dict[int, bytes] = {}
+    for seq in range(201):
+        item = Utterance("ratio", seq, f"s{seq % 2}", None, "x", None, f"d{seq}")
+        convs, _ = step(cfg, scorer.step, {"ratio": conv}, [item], rng.standard_normal((1, dim)).astype(np.float32), 0.0)
+        conv = convs["ratio"]
+        if seq + 1 in (5, 200):
+            snapshots[seq + 1] = conv.to_bytes()
+    costs = {}
+    vec = rng.standard_normal((1, dim)).astype(np.float32)
+    for pos, blob in snapshots.items():
+        times = []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            state = Conversation.from_bytes(blob)
+            convs, _ = step(cfg, scorer.step, {"ratio": state}, [Utterance("ratio", pos, "s0", None, "x", None, "dx")], vec, 0.0)
+            convs["ratio"].to_bytes()
+            times.append((time.perf_counter() - t0) * 1000)
+        costs[pos] = statistics.median(times)
+    return costs[5], costs[200]
+
+
+async def naive_rate(scorer, bootstrap: str, n: int, n_conv: int) -> float:
+    """What people write first: consume, score each message alone, produce, next."""
+    import torch
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from stream.localstack import create_topics
+
+    src, dst = f"naive-in-{uuid.uuid4().hex[:6]}", f"naive-out-{uuid.uuid4().hex[:6]}"
+    await create_topics(bootstrap, {src: 4, dst: 4})
+    await _produce(bootstrap, src, _load(n_conv, n))
+    model = scorer.model
+    consumer = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=10)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await consumer.start()
+    await producer.start()
+    done, t0 = 0, None
+    try:
+        while done < n:
+            async for rec in consumer:
+                t0 = t0 or time.perf_counter()
+                msg = json.loads(rec.value)
+                vec = torch.as_tensor(scorer.encode([msg["text"]]))  # (1, D): batch of one
+                with torch.inference_mode():
+                    u = vec.unsqueeze(1)  # (1, 1, D): a window of one, no context
+                    parties = torch.zeros(1, 1, dtype=torch.long)
+                    fwd = model.forward_states(u, parties)
+                    logits, _ = model.score_windows(u, parties, fwd, torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
+                probs = torch.softmax(logits, -1)[0].tolist()
+                event = {"conversation_id": msg["conversation_id"], "seq": msg["seq"], "scores": dict(zip(scorer.labels, probs))}
+                await producer.send_and_wait(dst, json.dumps(event).encode(), key=rec.key)
+                done += 1
+                if done >= n:
+                    break
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return n / (time.perf_counter() - t0)
+
+
+async def _produce(bootstrap: str, topic: str, messages: list[dict], rate: float | None = None) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=2)
+    await producer.start()
+    try:
+        futs, t0 = [], time.perf_counter()
+        for i, m in enumerate(messages):
+            if rate:
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            m = {**m, "ts": time.time()}
+            futs.append(await producer.send(topic, json.dumps(m).encode(), key=m["conversation_id"].encode()))
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+async def _await_provisional(consumer, ids: set[tuple[str, int]], timeout_s: float) -> dict[tuple[str, int], float]:
+    """Receive time of the provisional event of each (conversation, seq) in `ids` (latency = that - ts_produced)."""
+    got: dict[tuple[str, int], float] = {}
+    deadline = time.time() + timeout_s
+    while len(got) < len(ids) and time.time() < deadline:
+        batch = await consumer.getmany(timeout_ms=200)
+        now = time.time()
+        for records in batch.values():
+            for r in records:
+                e = json.loads(r.value)
+                key = (e["conversation_id"], e["seq"])
+                if e["status"] == "provisional" and key in ids:
+                    got[key] = now - e["ts_produced"]
+    return got
+
+
+async def pipeline_phase(settings: Settings, stack, worker, n_conv: int, sustained_n: int, latency_seconds: float,
+                         progress) -> tuple[float, list[float]]:
+    from aiokafka import AIOKafkaConsumer
+
+    from stream.localrun import wait_until_ready
+
+    consumer = AIOKafkaConsumer(settings.emotions_topic, bootstrap_servers=stack.bootstrap, group_id=None,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=10)
+    await consumer.start()
+    try:
+        await wait_until_ready(stack.bootstrap, settings.utterances_topic, consumer, worker)
+        progress("pipeline: sustained load")
+        load = _load(n_conv, sustained_n)
+        ids = {(m["conversation_id"], m["seq"]) for m in load}
+        t0 = time.time()
+        sender = asyncio.create_task(_produce(stack.bootstrap, settings.utterances_topic, load))
+        got = await _await_provisional(consumer, ids, timeout_s=600)
+        await sender
+        if len(got) < len(ids):
+            raise RuntimeError(f"pipeline: only {len(got)} of {len(ids)} provisional events arrived; see {worker.log}")
+        elapsed = max(t0 + lat for lat in got.values()) - t0  # first produce -> last provisional received
+        rate = len(ids) / elapsed
+        progress(f"pipeline: {rate:.0f} utt/s; latency at {rate / 2:.0f} utt/s")
+        lat_load = _load(n_conv, max(50, int(rate / 2 * latency_seconds)), seed=11)
+        ids = {(m["conversation_id"], m["seq"]) for m in lat_load}
+        sender = asyncio.create_task(_produce(stack.bootstrap, settings.utterances_topic, lat_load, rate=rate / 2))
+        got = await _await_provisional(consumer, ids, timeout_s=latency_seconds * 4 + 60)
+        await sender
+        return rate, [v * 1000 for v in got.values()]
+    finally:
+        await consumer.stop()
+
+
+def run_bench(args) -> int:
+    return asyncio.run(_bench(args))
+
+
+async def _bench(args) -> int:
+    from rich.console import Console
+
+    from model.runtime import Scorer
+    from stream.localrun import LocalWorker, local_worker_env
+    from stream.localstack import local_stack
+
+    console = Console(stderr=True)
+
+    def progress(msg: str) -> None:
+        console.print(f"[dim]bench:[/] {msg}")
+
+    settings = Settings()
+    scorer = Scorer(args.model or settings.model_path, args.device)
+    phase = max(2.0, args.duration / 4)
+    progress(f"encoder in batches of {settings.max_batch} for {phase:.0f} s")
+    enc = encoder_rate(scorer, phase, settings.max_batch)
+    progress(f"encoder: {enc:.0f} utt/s; per-utterance cost at positions 5 and 200")
+    short_ms, long_ms = step_cost_ratio(scorer)
+    workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-bench-"))
+    topics = {settings.utterances_topic: settings.partitions, settings.emotions_topic: settings.partitions, settings.dlq_topic: 1}
+    with local_stack(topics, workdir=workdir) as stack:
+        worker = LocalWorker(local_worker_env(stack, model_path=args.model, device=args.device), workdir / "worker.log")
+        try:
+            sustained_n = max(200, int(enc * args.duration / 2))
+            pipe, latencies = await pipeline_phase(settings, stack, worker, args.conversations, sustained_n, phase, progress)
+        finally:
+            worker.stop()
+        progress("naive consumer")
+        naive = await naive_rate(scorer, stack.bootstrap, max(100, int(pipe * phase / 4)), args.conversations)
+    p50, p99 = np.percentile(latencies, [50, 99])
+    result = {
+        "encoder_utt_per_s": round(enc, 1),
+        "pipeline_utt_per_s": round(pipe, 1),
+        "naive_utt_per_s": round(naive, 1),
+        "latency_p50_ms": round(float(p50), 1),
+        "latency_p99_ms": round(float(p99), 1),
+        "step_ms_ratio_long_short": round(long_ms / short_ms, 3),
+        "device": str(scorer.device),
+    }
+    print(f"encoder   {enc:8.1f} utt/s  (bare encoder, batches of {settings.max_batch})")
+    print(f"pipeline  {pipe:8.1f} utt/s  ({pipe / enc:.2f} x encoder; broker + worker + Redis, {args.conversations} conversations)")
+    print(f"naive     {naive:8.1f} utt/s  (pipeline is {pipe / naive:.2f} x naive)")
+    print(f"latency   p50 {p50:.1f} ms, p99 {p99:.1f} ms  (produce -> provisional event, at {pipe / 2:.0f} utt/s)")
+    print(f"step cost {short_ms:.2f} ms at position 5, {long_ms:.2f} ms at 200: ratio {long_ms / short_ms:.3f}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
