@@ -121,7 +121,9 @@ def step(
         fwd = tail(s.fwd, f_new[i : i + 1].cpu().numpy())
         new_states.append(replace(s, seen=s.seen + 1, parties=parties[i], vectors=vec, party_ids=pid, fwd=fwd))
         lens.append(len(vec))
-    width = max(lens)
+    # Always the full window width: the same shapes whatever the position (constant cost per
+    # utterance, one compiled graph for torch.compile); left padding is masked out.
+    width = W
     n_targets = [min(L + 1, k) for k in lens]
     u_win = torch.zeros(B, width, D, device=dev)
     p_win = torch.zeros(B, width, dtype=torch.long, device=dev)

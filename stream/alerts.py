@@ -35,7 +35,7 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -142,7 +142,8 @@ def _parse_rule(src: str, i: int, raw: Any, labels: tuple[str, ...] | None) -> R
     v = {key: raw.get(key, default) for key, (_, default) in spec.items()}
 
     fields: dict[str, Any] = {"name": name, "kind": kind}
-    fields["roles"] = _str_list(where, "roles", list(v["roles"]))
+    roles = v["roles"]
+    fields["roles"] = _str_list(where, "roles", list(roles) if isinstance(roles, tuple) else roles)
     if v["no_role"] not in NO_ROLE:
         raise ValueError(f"{where}: 'no_role' must be one of {', '.join(NO_ROLE)}, got {v['no_role']!r}")
     fields["no_role"] = v["no_role"]

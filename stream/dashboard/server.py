@@ -135,7 +135,7 @@ class DashboardServer:
                 if msg is None:  # dropped (too slow) or server stopping
                     break
                 await resp.write(msg)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:  # the browser went away (aiohttp's own error subclasses it)
             pass
         finally:
             self.clients.discard(queue)
