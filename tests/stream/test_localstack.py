@@ -11,7 +11,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stream.localstack import LocalStack, local_stack, start_redis, start_stack, stop_process
+from stream.localstack import (
+    LocalStack,
+    local_stack,
+    start_redis,
+    start_stack,
+    stop_process,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,43 @@
+"""Prometheus metrics of the worker (served on the faust web port at /metrics).
+
+| metric | type | labels | meaning |
+|---|---|---|---|
+| emotion_monitor_utterances_in_total | counter | | messages consumed from the utterances topic |
+| emotion_monitor_events_out_total | counter | status | emotion events published (provisional/revised/final) |
+| emotion_monitor_dlq_total | counter | reason | messages dead-lettered, by error code |
+| emotion_monitor_duplicates_total | counter | | redelivered messages recognised and skipped |
+| emotion_monitor_alerts_total | counter | severity, kind | alert events published |
+| emotion_monitor_summaries_total | counter | ended_by | conversation summaries published |
+| emotion_monitor_idle_finalized_total | counter | | conversations finalised by the idle timeout |
+| emotion_monitor_batch_size | histogram | | messages per micro-batch |
+| emotion_monitor_stage_seconds | histogram | stage | decode, redis_read, encode, step, produce, redis_write |
+| emotion_monitor_model_info | gauge (1) | name, version, device | the model being served |
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGES = ("decode", "redis_read", "encode", "step", "produce", "redis_write")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # A registry of our own: no process-global state, several workers per test process are fine.
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.utterances_in = Counter("emotion_monitor_utterances_in", "messages consumed", registry=r)
+        self.events_out = Counter("emotion_monitor_events_out", "emotion events published", ["status"], registry=r)
+        self.dlq = Counter("emotion_monitor_dlq", "messages dead-lettered", ["reason"], registry=r)
+        self.duplicates = Counter("emotion_monitor_duplicates", "redelivered messages skipped", registry=r)
+        self.alerts = Counter("emotion_monitor_alerts", "alert events published", ["severity", "kind"], registry=r)
+        self.summaries = Counter("emotion_monitor_summaries", "summaries published", ["ended_by"], registry=r)
+        self.idle_finalized = Counter("emotion_monitor_idle_finalized", "conversations finalised when idle", registry=r)
+        self.batch_size = Histogram("emotion_monitor_batch_size", "messages per micro-batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.stage = Histogram("emotion_monitor_stage_seconds", "time per batch stage", ["stage"],
+                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.model_info = Gauge("emotion_monitor_model_info", "the model being served", ["name", "version", "device"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
