@@ -12,7 +12,9 @@ MELD labels). The rule kinds are a closed set implemented here:
 - `escalation`: two consecutive finals of a role go from an emotion in `from_emotions` directly
   to one in `emotions` (score >= `min_score`) -> alert "raised".
 - `recovery`: the role has open alerts and its last `m` finals are all outside `emotions`
-  -> one "recovered" event closing all of the role's open alerts.
+  -> every open alert of the role is closed by a "recovered" event of its own, carrying the
+  closed alert's rule name, role and speaker and its alert_id in `closes` (the recovery rule's
+  name is in the reason).
 
 Grouping: a rule watches the finals of each role in `roles` separately; finals with a null role
 are grouped per speaker (`no_role = "per_speaker"`, the default) or skipped (`"ignore"`). Counts
@@ -124,7 +126,7 @@ def _int(where: str, key: str, value: Any, lo: int, hi: int) -> int:
 def _parse_rule(src: str, i: int, raw: Any, labels: tuple[str, ...] | None) -> Rule:
     where = f"{src}: rule #{i + 1}"
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: must be a table ([[rule]]), got {type(raw).__name__}")
+        raise ValueError(f"{where}: must be a table ([[rule]]), got {type(raw).__name__}")  # noqa: TRY004
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"{where}: 'name' is required: 1-64 characters of letters, digits, '_', '.', '-' (got {name!r})")
@@ -204,7 +206,7 @@ def load_rules(path: str | Path | None = None) -> tuple[Rule, ...]:
         labels = _str_list(f"{src}", "labels", doc["labels"])
     raw_rules = doc.get("rule", [])
     if not isinstance(raw_rules, list):
-        raise ValueError(f"{src}: 'rule' must be an array of tables ([[rule]])")
+        raise ValueError(f"{src}: 'rule' must be an array of tables ([[rule]])")  # noqa: TRY004
     rules = tuple(_parse_rule(src, i, r, labels) for i, r in enumerate(raw_rules))
     seen: set[str] = set()
     for r in rules:
@@ -244,7 +246,7 @@ class Final:
         return {"seq": self.seq, "role": self.role, "speaker": self.speaker, "emotion": self.emotion, "score": self.score}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Final":
+    def from_dict(cls, d: dict[str, Any]) -> Final:
         return cls(int(d["seq"]), d["role"], d["speaker"], d["emotion"], float(d["score"]))
 
 
@@ -258,14 +260,20 @@ class AlertRef:
     severity: str
     seq_from: int
     seq_to: int
+    speaker: str = ""  # kept for open alerts: their recovery names the same speaker
 
     def to_dict(self) -> dict[str, Any]:
+        """The summary's view (no speaker)."""
         return {"alert_id": self.alert_id, "rule": self.rule, "kind": self.kind, "severity": self.severity,
                 "seq_from": self.seq_from, "seq_to": self.seq_to}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.to_dict(), "speaker": self.speaker}
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AlertRef":
-        return cls(d["alert_id"], d["rule"], d["kind"], d["severity"], int(d["seq_from"]), int(d["seq_to"]))
+    def from_dict(cls, d: dict[str, Any]) -> AlertRef:
+        return cls(d["alert_id"], d["rule"], d["kind"], d["severity"], int(d["seq_from"]), int(d["seq_to"]),
+                   d.get("speaker", ""))
 
 
 @dataclass(frozen=True)
@@ -288,10 +296,10 @@ class Group:
                 "last_seq": self.last_seq, "window": [f.to_dict() for f in self.window],
                 "negative": list(self.negative), "last_raised": {n: c for n, c in self.last_raised},
                 "calm": {n: [run, since] for n, run, since in self.calm},
-                "open": [a.to_dict() for a in self.open]}
+                "open": [a.state_dict() for a in self.open]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Group":
+    def from_dict(cls, d: dict[str, Any]) -> Group:
         return cls(key=d["key"], role=d["role"], speaker=d["speaker"], count=int(d["count"]),
                    last_seq=int(d["last_seq"]), window=tuple(Final.from_dict(f) for f in d["window"]),
                    negative=tuple(bool(x) for x in d["negative"]),
@@ -333,7 +341,7 @@ class MonitorState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MonitorState":
+    def from_dict(cls, d: dict[str, Any]) -> MonitorState:
         if d.get("v") != STATE_VERSION:
             raise ValueError(f"unsupported MonitorState version {d.get('v')!r} (expected {STATE_VERSION})")
         return cls(
@@ -376,7 +384,7 @@ def _is_neutral(emotion: str) -> bool:
 
 
 def _alert_event(model, cid, rule: Rule, kind: str, severity: str, g: Group, seq_from: int, seq_to: int,
-                 reason: str, closes: Sequence[str], now: float) -> dict[str, Any]:
+                 reason: str, closes: str | None, now: float) -> dict[str, Any]:
     return {
         "alert_id": alert_id(model, cid, rule.name, kind, seq_to),
         "conversation_id": cid,
@@ -388,14 +396,15 @@ def _alert_event(model, cid, rule: Rule, kind: str, severity: str, g: Group, seq
         "seq_from": seq_from,
         "seq_to": seq_to,
         "reason": reason,
-        "closes": list(closes),
+        "closes": closes,
         "model": {"name": model["name"], "version": model["version"]},
         "ts_emitted": now,
     }
 
 
-def _ref(ev: dict[str, Any]) -> AlertRef:
-    return AlertRef(ev["alert_id"], ev["rule"], ev["kind"], ev["severity"], ev["seq_from"], ev["seq_to"])
+def _ref(ev: dict[str, Any], speaker: bool = False) -> AlertRef:
+    return AlertRef(ev["alert_id"], ev["rule"], ev["kind"], ev["severity"], ev["seq_from"], ev["seq_to"],
+                    ev["speaker"] if speaker else "")
 
 
 def _raise_condition(rule: Rule, window: tuple[Final, ...]) -> tuple[int, int, str] | None:
@@ -407,16 +416,18 @@ def _raise_condition(rule: Rule, window: tuple[Final, ...]) -> tuple[int, int, s
         if hits < rule.k:
             return None
         score = f" with score >= {rule.min_score:g}" if rule.min_score > 0 else ""
-        return (recent[0].seq, cur.seq, f"{' or '.join(rule.emotions)}{score} in {hits} of the last "
-                f"{len(recent)} utterances (seq {recent[0].seq}-{cur.seq})")
+        tail = (f"{' or '.join(rule.emotions)}{score} in {hits} of the last {len(recent)} utterances "
+                f"(seq {recent[0].seq}-{cur.seq})")
+        return recent[0].seq, cur.seq, tail
     if rule.kind == "escalation":
         if len(window) < 2:
             return None
         prev = window[-2]
         if prev.emotion in rule.from_emotions and rule.counts(cur.emotion, cur.score):
             score = f" (score {cur.score:.2f})" if rule.min_score > 0 else ""
-            return (prev.seq, cur.seq, f"went from {prev.emotion} directly to {cur.emotion}{score} "
-                    f"in consecutive utterances (seq {prev.seq}-{cur.seq})")
+            tail = (f"went from {prev.emotion} directly to {cur.emotion}{score} in consecutive utterances "
+                    f"(seq {prev.seq}-{cur.seq})")
+            return prev.seq, cur.seq, tail
         return None
     return None
 
@@ -451,25 +462,29 @@ def _update_group(rules: Sequence[Rule], g: Group, f: Final, model, cid: str, no
         if hit is None:
             continue
         seq_from, seq_to, tail = hit
-        ev = _alert_event(model, cid, r, "raised", r.severity, g, seq_from, seq_to, f"{_who(g)}: {tail}", (), now)
+        ev = _alert_event(model, cid, r, "raised", r.severity, g, seq_from, seq_to, f"{_who(g)}: {tail}", None, now)
         out.append(ev)
-        open_alerts.append(_ref(ev))
+        open_alerts.append(_ref(ev, speaker=True))
         last_raised[r.name] = count
     if out:  # calm runs start after the latest raise
         calm = {n: (0, f.seq) for n in calm}
 
-    # 3. recovery closes all open alerts of the group
+    # 3. recovery closes all open alerts of the group: one "recovered" event per open alert,
+    #    named after the alert's rule (consumers pair raised/recovered by rule, role and speaker,
+    #    or exactly by `closes`)
     for r in rules:
         if r.kind != "recovery" or not open_alerts:
             continue
         run, since = calm[r.name]
         if run < r.m:
             continue
-        closed = [a.alert_id for a in open_alerts]
-        names = ", ".join(dict.fromkeys(a.rule for a in open_alerts))
-        reason = (f"{_who(g)}: no {' or '.join(r.emotions)} in the last {run} utterances (seq {since}-{f.seq}); "
-                  f"closes {len(closed)} open alert{'s' if len(closed) != 1 else ''} ({names})")
-        out.append(_alert_event(model, cid, r, "recovered", r.severity, g, since, f.seq, reason, closed, now))
+        for a in open_alerts:
+            closed_rule = replace(r, name=a.rule)
+            reason = (f"{_who(g)}: no {' or '.join(r.emotions)} in the last {run} utterances (seq {since}-{f.seq}), "
+                      f"rule {r.name}; closes the {a.severity} alert of seq {a.seq_from}-{a.seq_to}")
+            closed_group = replace(g, speaker=a.speaker)
+            out.append(_alert_event(model, cid, closed_rule, "recovered", r.severity, closed_group, since, f.seq,
+                                    reason, a.alert_id, now))
         open_alerts = []
 
     g = replace(g, last_raised=tuple(last_raised.items()),

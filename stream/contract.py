@@ -18,6 +18,8 @@ SCHEMAS = {
     "control": "control.schema.json",
     "emotion-event": "emotion-event.schema.json",
     "dlq": "dlq.schema.json",
+    "alert": "alert.schema.json",
+    "summary": "summary.schema.json",
 }
 
 

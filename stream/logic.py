@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from model.streaming import DialogueState, Scored, finalize
+from stream.alerts import MonitorState, Rule, on_final, summarize
 from stream.validate import End, Rejected, Utterance
 
 
@@ -46,6 +47,7 @@ class Conversation:
     last_activity: float = 0.0
     pending: dict[int, UttMeta] = field(default_factory=dict)  # model position -> utterance
     recent: dict[int, str] = field(default_factory=dict)  # seq -> content digest (last `window`)
+    monitor: MonitorState = field(default_factory=MonitorState)  # alert rules and summary accumulators
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -55,6 +57,7 @@ class Conversation:
             "last_activity": self.last_activity,
             "pending": {str(p): vars(m) for p, m in self.pending.items()},
             "recent": {str(s): d for s, d in self.recent.items()},
+            "monitor": self.monitor.to_dict(),
         }
         # json.dumps escapes newlines, so the first b"\n" ends the header.
         return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + self.dialogue.to_bytes()
@@ -71,6 +74,7 @@ class Conversation:
             last_activity=meta["last_activity"],
             pending={int(p): UttMeta(**m) for p, m in meta["pending"].items()},
             recent={int(s): d for s, d in meta["recent"].items()},
+            monitor=MonitorState.from_dict(meta["monitor"]),
         )
 
 
@@ -80,6 +84,7 @@ class StepConfig:
     model_id: str  # "name@version", part of every event id
     window: int  # how many recent seqs are remembered for redelivery detection
     echo_text: bool = False
+    rules: tuple[Rule, ...] = ()  # alert rules over final events (stream/rules/default.toml)
 
 
 @dataclass
@@ -87,6 +92,8 @@ class Outcome:
     events: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[tuple[int, Rejected]] = field(default_factory=list)  # (input index, why)
     duplicates: list[int] = field(default_factory=list)  # input indexes recognised as redelivered
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
 
 
 def event_id(model_id: str, conversation_id: str, seq: int, status: str, horizon_seq: int | None = None) -> str:
@@ -95,9 +102,13 @@ def event_id(model_id: str, conversation_id: str, seq: int, status: str, horizon
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+def _model(cfg: StepConfig) -> dict[str, str]:
+    name, _, version = cfg.model_id.partition("@")
+    return {"name": name, "version": version}
+
+
 def _event(cfg: StepConfig, cid: str, conv: Conversation, meta: UttMeta, probs: np.ndarray, status: str,
            label: str, now: float, horizon_seq: int | None) -> dict[str, Any]:
-    name, _, version = cfg.model_id.partition("@")
     ev = {
         "event_id": event_id(cfg.model_id, cid, meta.seq, status, horizon_seq if status == "revised" else None),
         "conversation_id": cid,
@@ -107,7 +118,7 @@ def _event(cfg: StepConfig, cid: str, conv: Conversation, meta: UttMeta, probs: 
         "emotion": label,
         "scores": {lab: round(float(p), 5) for lab, p in zip(cfg.labels, probs)},
         "status": status,
-        "model": {"name": name, "version": version},
+        "model": _model(cfg),
         "context_reset": conv.context_reset,
         "ts_produced": meta.ts_produced,
         "ts_received": meta.ts_received,
@@ -119,9 +130,10 @@ def _event(cfg: StepConfig, cid: str, conv: Conversation, meta: UttMeta, probs: 
 
 
 def _emit_scores(cfg: StepConfig, cid: str, conv: Conversation, scored: Sequence[Scored], now: float,
-                 horizon_seq: int, out: list[dict[str, Any]]) -> Conversation:
-    """Turn model scores into events; returns the conversation with labels/pending updated."""
+                 horizon_seq: int, out: Outcome) -> Conversation:
+    """Turn model scores into events (and final events into alerts); returns the updated conversation."""
     pending = dict(conv.pending)
+    monitor = conv.monitor
     newest = max(s.position for s in scored) if scored else -1
     for s in scored:
         meta = pending.get(s.position)
@@ -137,19 +149,25 @@ def _emit_scores(cfg: StepConfig, cid: str, conv: Conversation, scored: Sequence
         else:
             status = None
         if status is not None:
-            out.append(_event(cfg, cid, conv, meta, s.probs, status, label, now, horizon_seq))
+            event = _event(cfg, cid, conv, meta, s.probs, status, label, now, horizon_seq)
+            out.events.append(event)
+            if status == "final" and cfg.rules:
+                monitor, alerts = on_final(cfg.rules, monitor, event, now)
+                out.alerts.extend(alerts)
         if s.final:
             pending.pop(s.position)
         else:
             pending[s.position] = replace(meta, label=label)
-    return replace(conv, pending=pending)
+    return replace(conv, pending=pending, monitor=monitor)
 
 
-def end_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: list[dict[str, Any]]) -> Conversation:
+def end_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome,
+                     ended_by: str = "end") -> Conversation:
+    """Finalise the pending utterances, then publish the conversation's summary."""
     dialogue, scored = finalize(conv.dialogue)
     conv = replace(conv, dialogue=dialogue)
-    horizon = conv.last_seq
-    conv = _emit_scores(cfg, cid, conv, scored, now, horizon, out)
+    conv = _emit_scores(cfg, cid, conv, scored, now, conv.last_seq, out)
+    out.summaries.append(summarize(conv.monitor, cid, ended_by, _model(cfg), now))
     return replace(conv, ended=True, last_activity=now)
 
 
@@ -190,7 +208,7 @@ def step(
             if isinstance(item, End):
                 if conv is None or conv.ended:
                     continue  # nothing pending: an end for an unknown or ended conversation is a no-op
-                convs[cid] = end_conversation(cfg, cid, conv, now, out.events)
+                convs[cid] = end_conversation(cfg, cid, conv, now, out)
                 continue
             verdict = _admit(conv, item)
             if verdict == "duplicate":
@@ -222,7 +240,7 @@ def step(
             recent[item.seq] = item.digest
             conv = replace(conv, dialogue=dialogue, last_seq=item.seq, last_activity=now,
                            pending={**conv.pending, position: meta}, recent=recent)
-            convs[cid] = _emit_scores(cfg, cid, conv, sc, now, item.seq, out.events)
+            convs[cid] = _emit_scores(cfg, cid, conv, sc, now, item.seq, out)
     return convs, out
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from stream.logic import Conversation, StepConfig, end_conversation, step
+from stream.alerts import check_labels, load_rules
+from stream.logic import Conversation, Outcome, StepConfig, end_conversation, step
 from stream.metrics import Metrics
 from stream.settings import Settings
 from stream.state_store import StateStore
@@ -40,7 +41,9 @@ class BatchProcessor:
         self.scorer = scorer
         self.store = store
         self.publish = publish
-        self.cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, settings.echo_text)
+        rules = load_rules(settings.rules_path)
+        check_labels(rules, scorer.labels)  # MELD rules with an EmoryNLP model fail here, at start-up
+        self.cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, settings.echo_text, rules)
         self.lock = asyncio.Lock()  # the agent and the idle timer never interleave on a conversation
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.counts: Counter[str] = Counter()
@@ -69,7 +72,7 @@ class BatchProcessor:
         self.metrics.utterances_in.inc(len(messages))
         self.metrics.batch_size.observe(len(messages))
         partitions = {item.conversation_id: origin[i][2] for i, item in enumerate(inputs)}
-        events: list[dict[str, Any]] = []
+        outcome = Outcome()
         new_convs: dict[str, Conversation] = {}
         t1 = time.time()
         stage.labels("decode").observe(t1 - t0)
@@ -79,14 +82,13 @@ class BatchProcessor:
             stage.labels("redis_read").observe(t2 - t1)
             loop = asyncio.get_running_loop()
             new_convs, outcome = await loop.run_in_executor(self.executor, self._compute, convs, inputs, now)
-            events = outcome.events
             for i, why in outcome.rejected:
                 key, value, partition, offset = origin[i]
                 dlq.append(self._dlq_record(why, key, value, partition, offset, now))
             self.counts["duplicates"] += len(outcome.duplicates)
             self.metrics.duplicates.inc(len(outcome.duplicates))
         t3 = time.time()
-        await self._publish(events, dlq)
+        await self._publish(outcome, dlq)
         t4 = time.time()
         stage.labels("produce").observe(t4 - t3)
         await self.store.save(new_convs, partitions)
@@ -113,24 +115,31 @@ class BatchProcessor:
             if not cids:
                 return 0
             convs = await self.store.load(cids)
-            events: list[dict[str, Any]] = []
+            outcome = Outcome()
             done: dict[str, Conversation] = {}
             for cid, conv in convs.items():
                 if conv is not None and not conv.ended:
-                    done[cid] = end_conversation(self.cfg, cid, conv, now, events)
-            await self._publish(events, [])
+                    done[cid] = end_conversation(self.cfg, cid, conv, now, outcome, ended_by="idle")
+            await self._publish(outcome, [])
             await self.store.save(done, {c: partition for c in done})
             await self.store.forget_idle(partition, [c for c in cids if c not in done])
             self.counts["idle_finalized"] += len(done)
             self.metrics.idle_finalized.inc(len(done))
             return len(done)
 
-    async def _publish(self, events: list[dict[str, Any]], dlq: list[dict[str, Any]]) -> None:
-        sends = [self.publish(self.s.emotions_topic, ev["conversation_id"].encode(), _dumps(ev)) for ev in events]
-        sends += [self.publish(self.s.dlq_topic, None, _dumps(rec)) for rec in dlq]
+    async def _publish(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
+        s = self.s
+        sends = [self.publish(s.emotions_topic, ev["conversation_id"].encode(), _dumps(ev)) for ev in outcome.events]
+        sends += [self.publish(s.alerts_topic, a["conversation_id"].encode(), _dumps(a)) for a in outcome.alerts]
+        sends += [self.publish(s.summaries_topic, m["conversation_id"].encode(), _dumps(m)) for m in outcome.summaries]
+        sends += [self.publish(s.dlq_topic, None, _dumps(rec)) for rec in dlq]
         if sends:
             await asyncio.gather(*sends)
-        for ev in events:
+        for a in outcome.alerts:
+            self.metrics.alerts.labels(a["severity"], a["kind"]).inc()
+        for m in outcome.summaries:
+            self.metrics.summaries.labels(m["ended_by"]).inc()
+        for ev in outcome.events:
             self.counts[f"events_{ev['status']}"] += 1
             self.metrics.events_out.labels(ev["status"]).inc()
         for rec in dlq:
@@ -184,7 +193,8 @@ def build_app(settings: Settings, scorer):
     # one Redis without one's idle timer finalising the other's conversations.
     store = StateStore(aioredis.from_url(settings.redis_url, password=password), settings.state_ttl_s, prefix=f"em:{settings.app_id}")
     source = app.topic(settings.utterances_topic, partitions=settings.partitions)
-    topics = {name: app.topic(name, partitions=settings.partitions) for name in (settings.emotions_topic, settings.dlq_topic)}
+    outputs = (settings.emotions_topic, settings.alerts_topic, settings.summaries_topic, settings.dlq_topic)
+    topics = {name: app.topic(name, partitions=settings.partitions) for name in outputs}
 
     async def publish(topic: str, key: bytes | None, value: bytes) -> None:
         fut = await topics[topic].send(key=key, value=value)
@@ -213,9 +223,8 @@ def build_app(settings: Settings, scorer):
 
     @app.page("/metrics")
     async def metrics(web, request):
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return web.bytes(processor.metrics.render(), content_type=CONTENT_TYPE_LATEST)
+        # Prometheus' text format; aiohttp refuses a charset inside content_type (UTF-8 is the default).
+        return web.bytes(processor.metrics.render(), content_type="text/plain; version=0.0.4")
 
     @app.page("/healthz")
     async def healthz(web, request):
@@ -253,7 +262,8 @@ def run_worker(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scorer = Scorer(settings.model_path, settings.device)
     log.info("model %s on %s (lookahead %d, window %d)", scorer.model_id, scorer.device, scorer.lookahead, scorer.window)
-    topics = {t: settings.partitions for t in (settings.utterances_topic, settings.emotions_topic, settings.dlq_topic)}
+    topics = {t: settings.partitions for t in (settings.utterances_topic, settings.emotions_topic, settings.alerts_topic,
+                                              settings.summaries_topic, settings.dlq_topic)}
     asyncio.run(create_topics(settings.bootstrap_servers(), topics))
     app = build_app(settings, scorer)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)

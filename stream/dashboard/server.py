@@ -205,7 +205,8 @@ class DashboardServer:
                 raise
             except Exception as exc:  # broker down, etc.: keep serving the board, retry
                 log.warning("dashboard consumer failed: %s; retrying in %.0f s", exc, backoff)
-                self.consumer_status.update(state="retrying", error=f"{type(exc).__name__}: {exc}"[:300])
+                text = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+                self.consumer_status.update(state="retrying", error=text[:300])
                 self.broadcast([{"op": "status"}])
             finally:
                 with contextlib.suppress(Exception):
@@ -221,9 +222,9 @@ class DashboardServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> "DashboardServer":
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []  # the real port when port=0
         if sockets:
@@ -276,7 +277,6 @@ def add_dashboard(sub) -> None:
         "verdicts hatched, final ones solid), the alerts feed and the summaries of ended conversations. "
         "Broker and topics come from the environment (EMOTION_MONITOR_*; `emotion-monitor settings`). "
         "No authentication: it binds 127.0.0.1 unless told otherwise.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--host", default=None,
                    help="bind address (default: EMOTION_MONITOR_DASHBOARD_HOST, 127.0.0.1)")

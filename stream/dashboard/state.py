@@ -92,7 +92,7 @@ class Conversation:
     last_seen: float
     cells: dict[int, Cell] = field(default_factory=dict)
     alerts: deque = field(default_factory=deque)            # most recent first
-    open_alerts: dict[tuple, dict] = field(default_factory=dict)
+    open_alerts: dict[str, dict] = field(default_factory=dict)  # alert_id -> raised alert not yet recovered
     summary: dict | None = None
     ended_by: str | None = None
     ended_at: float | None = None
@@ -143,7 +143,7 @@ class Conversation:
         return (round(self.risk(), 6), self.last_seen)
 
     def header(self) -> dict:
-        last = self.cells.get(self.last_seq) if self.last_seq is not None else None
+        last = self.cells[max(self.cells)] if self.cells else None  # the newest utterance's current verdict
         counts = self.open_by_severity()
         return {
             "conversation_id": self.conversation_id,
@@ -158,7 +158,8 @@ class Conversation:
             "last_status": last.status if last else None,
             "last_role": last.role if last else None,
             "last_speaker": last.speaker if last else None,
-            "last_seq": self.last_seq,
+            "last_seq": last.seq if last else None,
+            "last_updated_seq": self.last_seq,
             "utterances": len(self.cells) + self.dropped_cells,
             "finals": sum(c.status == "final" for c in self.cells.values()),
             "first_seen": self.first_seen,
@@ -296,7 +297,8 @@ class BoardState:
             "kind": kind, "severity": severity, "role": _str(event.get("role"), 40),
             "speaker": _str(event.get("speaker"), 128), "seq_from": _int(event.get("seq_from")),
             "seq_to": _int(event.get("seq_to")), "reason": _str(event.get("reason"), 500) or "",
-            "model": _model(event.get("model")), "ts_emitted": _num(event.get("ts_emitted")),
+            "closes": _str(event.get("closes"), 128), "model": _model(event.get("model")),
+            "ts_emitted": _num(event.get("ts_emitted")),
         }
         self.stats["alerts"] += 1
         deltas: list[dict] = []
@@ -305,11 +307,14 @@ class BoardState:
         conv.alerts.appendleft(alert)
         while len(conv.alerts) > self.max_alerts_per_conversation:
             conv.alerts.pop()
-        key = (alert["rule"], alert["role"], alert["speaker"])
         if kind == "raised":
-            conv.open_alerts[key] = alert
-        else:
-            conv.open_alerts.pop(key, None)
+            conv.open_alerts[alert_id] = alert
+        elif alert["closes"] in conv.open_alerts:  # the contract names the raised alert it closes
+            del conv.open_alerts[alert["closes"]]
+        else:  # no (known) `closes`: pair on (rule, role, speaker), as the schema allows
+            key = (alert["rule"], alert["role"], alert["speaker"])
+            for open_id in [i for i, a in conv.open_alerts.items() if (a["rule"], a["role"], a["speaker"]) == key]:
+                del conv.open_alerts[open_id]
         deltas.append({"op": "alert", "alert": alert})
         deltas.append({"op": "conv", "conv": conv.header()})
         return deltas
@@ -363,13 +368,14 @@ class BoardState:
         distribution: dict[str, dict[str, int]] = {}
         raw = event.get("distribution")
         if isinstance(raw, dict):
-            for who, counts in list(raw.items())[:20]:
+            for who, counts in list(raw.items())[:64]:  # the contract caps it at 64 keys
                 if isinstance(counts, dict):
                     distribution[_str(who, 128) or "?"] = {
                         _str(e, 40) or "?": n for e, n in list(counts.items())[:40] if _int(n) is not None}
         traj = event.get("trajectory") if isinstance(event.get("trajectory"), list) else []
         peaks = event.get("peaks") if isinstance(event.get("peaks"), list) else []
         alerts = event.get("alerts") if isinstance(event.get("alerts"), list) else []
+        open_ids = event.get("open_alerts") if isinstance(event.get("open_alerts"), list) else []
         return {
             "summary_id": _str(event.get("summary_id"), 128),
             "conversation_id": _str(event.get("conversation_id"), 128),
@@ -378,11 +384,15 @@ class BoardState:
             "distribution": distribution,
             # the whole trajectory is used to fill cells; only the kept tail is sent to browsers
             "trajectory": [p for p in map(self._clean_point, traj[-self.max_utterances:]) if p],
-            "peaks": [p for p in map(self._clean_point, peaks[:10]) if p],
+            "peaks": [p for p in map(self._clean_point, peaks[:3]) if p],
             "alerts": [{"alert_id": _str(a.get("alert_id"), 128), "rule": _str(a.get("rule"), 80),
                         "kind": _str(a.get("kind"), 20), "severity": _str(a.get("severity"), 20),
                         "seq_from": _int(a.get("seq_from")), "seq_to": _int(a.get("seq_to"))}
-                       for a in alerts[:self.max_alerts_per_conversation] if isinstance(a, dict)],
+                       for a in alerts[-self.max_alerts_per_conversation:] if isinstance(a, dict)],
+            "alerts_truncated": event.get("alerts_truncated") is True or len(alerts) > self.max_alerts_per_conversation,
+            "trajectory_truncated": event.get("trajectory_truncated") is True or len(traj) > self.max_utterances,
+            "open_alerts": [i for i in map(lambda x: _str(x, 128), open_ids[:100]) if i],
+            "risk": _num(event.get("risk")),
             "model": _model(event.get("model")),
             "ts_emitted": _num(event.get("ts_emitted")),
         }

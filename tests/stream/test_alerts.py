@@ -95,7 +95,7 @@ def test_long_angry_run_raises_once(rules):
     # customer finals are seqs 0, 2, 4: three of the (so far three) customer finals
     assert (a["seq_from"], a["seq_to"], a["severity"], a["role"], a["speaker"]) == (0, 4, "warning", "customer", "customer-1042")
     assert a["reason"] == "customer: anger or disgust or sadness in 3 of the last 3 utterances (seq 0-4)"
-    assert a["closes"] == [] and a["model"] == MODEL and a["ts_emitted"] > 0
+    assert a["closes"] is None and a["model"] == MODEL and a["ts_emitted"] > 0
     crit = by_rule(alerts, "customer_negative_streak_critical")
     assert len(crit) == 1 and crit[0]["seq_to"] == 6 and crit[0]["severity"] == "critical"
     assert not by_rule(alerts, "customer_intense_anger")  # score 0.7 < 0.8
@@ -129,7 +129,9 @@ def test_escalation_neutral_to_anger(rules):
 def test_recovery_after_calm(rules):
     state, alerts = run(rules, dialogue(["anger", "anger", "disgust"]))
     raised = by_rule(alerts, "customer_negative_streak")
-    assert len(raised) == 1 and risk(state) > 0.5
+    assert len(raised) == 1
+    risk_angry = risk(state)
+    assert risk_angry >= 0.6 + 0.4 * 0.5  # all negative + an open warning
     # 3 calm customer finals: not yet
     # (the agent's anger in between does not count against the customer)
     calm = [ev(6, "neutral"), ev(7, "anger", role="agent"), ev(8, "joy"), ev(9, "anger", role="agent"), ev(10, "neutral")]
@@ -138,17 +140,32 @@ def test_recovery_after_calm(rules):
     state, more = run(rules, [ev(12, "surprise")], state)
     assert len(more) == 1
     rec = more[0]
-    assert (rec["kind"], rec["rule"], rec["severity"], rec["role"]) == ("recovered", "customer_recovered", "info", "customer")
+    # named after the alert it closes, so (rule, role, speaker) pairs them; `closes` pairs them exactly
+    assert (rec["kind"], rec["rule"], rec["severity"], rec["role"], rec["speaker"]) == (
+        "recovered", "customer_negative_streak", "info", "customer", "customer-1042")
     assert (rec["seq_from"], rec["seq_to"]) == (6, 12)
-    assert rec["closes"] == [raised[0]["alert_id"]]
-    assert "closes 1 open alert" in rec["reason"]
+    assert rec["closes"] == raised[0]["alert_id"] != rec["alert_id"]
+    assert "rule customer_recovered" in rec["reason"] and "seq 6-12" in rec["reason"]
     assert all(not g.open for g in state.groups)
-    assert risk(state) == 0.0
+    assert risk(state) == pytest.approx(0.6 * 1 / 5)  # one negative final left in the last 5, no open alert
     # a second calm stretch does not recover again; a new angry episode raises again
     state, more = run(rules, [ev(s, "neutral") for s in (14, 16, 18, 20)], state)
     assert more == []
     state, more = run(rules, [ev(s, "anger") for s in (22, 24, 26)], state)
     assert [a["rule"] for a in more if a["kind"] == "raised"][:2] == ["customer_escalation", "customer_negative_streak"]
+
+
+def test_recovery_closes_each_open_alert(rules):
+    state, alerts = run(rules, dialogue(["neutral", "anger", "anger", "anger", "anger"]))
+    raised = [a for a in alerts if a["kind"] == "raised"]
+    assert [a["rule"] for a in raised] == ["customer_escalation", "customer_negative_streak", "customer_negative_streak_critical"]
+    assert risk(state) == pytest.approx(0.6 * 4 / 5 + 0.4)  # 4 of the last 5 negative, a critical open
+    state, more = run(rules, [ev(s, "neutral") for s in (10, 12, 14, 16)], state)
+    assert [(a["kind"], a["rule"], a["closes"]) for a in more] == [("recovered", a["rule"], a["alert_id"]) for a in raised]
+    assert len({a["alert_id"] for a in alerts + more}) == 6
+    assert all((a["seq_from"], a["seq_to"], a["severity"]) == (10, 16, "info") for a in more)
+    s = summarize(state, CID, "end", MODEL, now=1.0)
+    assert s["open_alerts"] == [] and [a["kind"] for a in s["alerts"]] == ["raised"] * 3 + ["recovered"] * 3
 
 
 def test_recovery_run_starts_after_the_latest_raise(rules):
@@ -177,9 +194,9 @@ m = 1
 """)
     rules = load_rules(path)
     # anger, calm (recovers), anger (only 2 finals after the raise: cooling down), calm, calm, anger (5 after)
-    state, alerts = run(rules, [ev(i, e) for i, e in enumerate(["anger", "neutral", "anger", "neutral", "neutral", "anger"])])
+    _, alerts = run(rules, [ev(i, e) for i, e in enumerate(["anger", "neutral", "anger", "neutral", "neutral", "anger"])])
     assert [(a["rule"], a["kind"], a["seq_to"]) for a in alerts] == [
-        ("any_anger", "raised", 0), ("calm", "recovered", 1), ("any_anger", "raised", 5)]
+        ("any_anger", "raised", 0), ("any_anger", "recovered", 1), ("any_anger", "raised", 5)]
 
 
 def test_agent_anger_does_not_trigger_customer_rules(rules):
@@ -301,8 +318,9 @@ def test_state_stays_bounded(rules):
         ('[[rule]]\nname = "x"\nkind = "negative_streak"\nemotions = ["anger"]\nk = 1\nm = 2\nmin_score = 2\n', "'min_score'"),
         ('labels = ["neutral", "anger"]\n[[rule]]\nname = "x"\nkind = "negative_streak"\nemotions = ["angry"]\nk = 1\nm = 2\n',
          "'angry'"),
-        ('[[rule]]\nname = "x"\nkind = "recovery"\nemotions = ["anger"]\nm = 2\n[[rule]]\nname = "x"\nkind = "recovery"\n'
-         'emotions = ["anger"]\nm = 3\n', "duplicate rule name 'x'"),
+        (('[[rule]]\nname = "x"\nkind = "recovery"\nemotions = ["anger"]\nm = 2\n'
+          '[[rule]]\nname = "x"\nkind = "recovery"\nemotions = ["anger"]\nm = 3\n'),
+         "duplicate rule name 'x'"),
         ('[[rules]]\nname = "x"\n', "unknown top-level key 'rules'"),
         ('[[rule]\nname = ', "not valid TOML"),
     ],
@@ -339,8 +357,8 @@ def test_random_conversations(steps):
                 assert a["alert_id"] not in open_ids
                 open_ids.add(a["alert_id"])
             else:
-                assert a["closes"] and set(a["closes"]) <= open_ids
-                open_ids -= set(a["closes"])
+                assert a["closes"] in open_ids
+                open_ids.discard(a["closes"])
         assert open_ids == {a.alert_id for g in state.groups for a in g.open}
         assert 0.0 <= risk(state) <= 1.0
         assert MonitorState.from_dict(json.loads(json.dumps(state.to_dict()))) == state

@@ -13,6 +13,7 @@ from model.artifact import load_artifact
 from model.data import Dialogue, Utterance
 from model.inference import score_dialogues
 from model.modeling import load_tokenizer
+from stream.contract import validate_event
 from stream.localstack import create_topics
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 
@@ -70,7 +71,9 @@ def finals_of(events, cids) -> dict[tuple[str, int], set[str]]:
 def worker(stack, tiny_artifact, tmp_path_factory):
     names = unique_names()
     run(create_topics(stack.bootstrap, {names["utterances"]: 3, names["emotions"]: 3, names["dlq"]: 1}))
-    w = WorkerProcess(worker_env(stack, tiny_artifact, names, idle_finalize_s=2), tmp_path_factory.mktemp("w") / "worker.log")
+    env = worker_env(stack, tiny_artifact, names, idle_finalize_s=2)
+    w = WorkerProcess(env, tmp_path_factory.mktemp("w") / "worker.log")
+    w.web_port = int(env["EMOTION_MONITOR_WEB_PORT"])
     yield names, w
     w.stop()
 
@@ -95,6 +98,15 @@ def test_streaming_equals_offline_on_interleaved_conversations(stack, worker, ti
     provisional = {(e["conversation_id"], e["seq"]) for e in mine if e["status"] == "provisional"}
     assert provisional == set(expected["final"])
     assert all("text" not in e and e["model"] == {"name": "tiny", "version": "0.0.1"} for e in mine)
+    for e in mine:
+        validate_event(e, "emotion-event")
+    # one summary per ended conversation, counting its final events
+    summaries = run(collect(stack.bootstrap, names["summaries"], lambda r: len({x["conversation_id"] for x in r} & cids) >= 4))
+    mine_s = {x["conversation_id"]: x for x in summaries if x["conversation_id"] in cids}
+    assert {c: x["utterances"] for c, x in mine_s.items()} == {c[0]["conversation_id"]: len(c) for c in convs}
+    for x in mine_s.values():
+        validate_event(x, "summary")
+        assert x["ended_by"] == "end" and [t["seq"] for t in x["trajectory"]] == list(range(x["utterances"]))
 
 
 def test_bad_input_goes_to_the_dlq_and_the_worker_goes_on(stack, worker):
@@ -121,6 +133,8 @@ def test_bad_input_goes_to_the_dlq_and_the_worker_goes_on(stack, worker):
     sent = {v for _, v in raw_bad}
     assert sent <= {base64.b64decode(r["value_b64"]) for r in dlq}  # the original bytes are kept
     assert all(r["reason"] and r["topic"] == names["utterances"] and r["offset"] >= 0 for r in dlq)
+    for r in dlq:
+        validate_event(r, "dlq")
     events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {"dlq-ok"})) >= 3, timeout_s=60))
     finals = finals_of(events, {"dlq-ok"})
     assert sorted(finals) == [("dlq-ok", 0), ("dlq-ok", 1), ("dlq-ok", 2)] and all(len(v) == 1 for v in finals.values())
@@ -134,6 +148,8 @@ def test_idle_conversation_is_finalised(stack, worker):
     run(produce(stack.bootstrap, names["utterances"], conv))
     events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {"idle-1"})) >= 4, timeout_s=60))
     assert sorted(finals_of(events, {"idle-1"})) == [("idle-1", i) for i in range(4)], w.tail()
+    summaries = run(collect(stack.bootstrap, names["summaries"], lambda r: any(x["conversation_id"] == "idle-1" for x in r)))
+    assert [x["ended_by"] for x in summaries if x["conversation_id"] == "idle-1"] == ["idle"]
 
 
 def test_killed_worker_is_continued_by_another_with_the_same_results(stack, tiny_artifact, tmp_path):
@@ -170,3 +186,26 @@ def test_killed_worker_is_continued_by_another_with_the_same_results(stack, tiny
     for key, e in last.items():  # context survived the kill: same numbers as one uninterrupted run
         np.testing.assert_allclose(scores(e, labels), expected[key], atol=2e-5)
     assert not any(e["context_reset"] for e in events)
+
+
+def test_metrics_and_health_endpoints(stack, worker):
+    """Runs after the tests above on the same worker: their traffic shows in the counters."""
+    import urllib.request
+
+    names, w = worker
+    base = f"http://127.0.0.1:{w.web_port}"
+    assert json.loads(urllib.request.urlopen(f"{base}/healthz", timeout=5).read())["status"] == "ok"
+    ready = json.loads(urllib.request.urlopen(f"{base}/readyz", timeout=5).read())
+    assert ready["ready"] and ready["redis"] and ready["partitions"] == [0, 1, 2]
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values["emotion_monitor_utterances_in_total"] > 20
+    assert values['emotion_monitor_events_out_total{status="final"}'] >= 19
+    assert values['emotion_monitor_dlq_total{reason="invalid_json"}'] >= 1
+    assert values["emotion_monitor_duplicates_total"] >= 1
+    assert values['emotion_monitor_model_info{device="cpu",name="tiny",version="0.0.1"}'] == 1
+    assert any(k.startswith('emotion_monitor_stage_seconds_count{stage="encode"}') for k in values)

@@ -39,6 +39,8 @@ def worker_env(stack, model_path: Path, names: dict[str, str], **extra) -> dict[
         "EMOTION_MONITOR_UTTERANCES_TOPIC": names["utterances"],
         "EMOTION_MONITOR_EMOTIONS_TOPIC": names["emotions"],
         "EMOTION_MONITOR_DLQ_TOPIC": names["dlq"],
+        "EMOTION_MONITOR_ALERTS_TOPIC": names["alerts"],
+        "EMOTION_MONITOR_SUMMARIES_TOPIC": names["summaries"],
         "EMOTION_MONITOR_LOG_LEVEL": "info",
     }
     env.update({f"EMOTION_MONITOR_{k.upper()}": str(v) for k, v in extra.items()})
@@ -47,7 +49,8 @@ def worker_env(stack, model_path: Path, names: dict[str, str], **extra) -> dict[
 
 def unique_names() -> dict[str, str]:
     tag = uuid.uuid4().hex[:8]
-    return {"app_id": f"em-test-{tag}", "utterances": f"utt-{tag}", "emotions": f"emo-{tag}", "dlq": f"dlq-{tag}"}
+    return {"app_id": f"em-test-{tag}", "utterances": f"utt-{tag}", "emotions": f"emo-{tag}", "dlq": f"dlq-{tag}",
+            "alerts": f"alerts-{tag}", "summaries": f"sum-{tag}"}
 
 
 class WorkerProcess:

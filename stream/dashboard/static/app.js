@@ -9,8 +9,7 @@
   const EMORY = ["mad", "scared", "sad", "joyful", "peaceful", "powerful"];
   const KNOWN = new Set(EMOTIONS.concat(EMORY));
   const NEGATIVE = new Set(["anger", "disgust", "sadness", "fear", "mad", "sad", "scared"]);
-  const LEVEL_TEXT = { critical: "CRIT", warning: "WARN", elevated: "ELEV", low: "LOW" };
-  const LEVEL_RANK = { critical: 3, warning: 2, elevated: 1, low: 0 };
+  const LEVEL_TEXT = { critical: "critical", warning: "warning", elevated: "elevated", low: "low" };
 
   const board = { convs: new Map(), alerts: [], limits: { max_alerts: 200, max_alerts_per_conversation: 50 }, consumer: {} };
   let selected = decodeHash();
@@ -40,6 +39,14 @@
       node.style.backgroundColor = "hsl(" + h + ", 35%, 55%)";
       node.classList.add("emo-other");
     }
+  }
+  // text that may break after "_", "-", "." or "/" (rule names are long snake_case identifiers)
+  function breakable(text) {
+    const frag = document.createDocumentFragment();
+    for (const part of String(text ?? "").split(/(?<=[_\-./])/)) {
+      frag.append(document.createTextNode(part), document.createElement("wbr"));
+    }
+    return frag;
   }
   function fmtScore(s) { return typeof s === "number" ? s.toFixed(2) : "?"; }
   function fmtTime(ts) {
@@ -190,7 +197,9 @@
     const row1 = el("div", "row1");
     const badge = el("span");
     riskBadge(badge, c);
-    row1.append(badge, el("span", "cid", c.conversation_id));
+    const cidSpan = el("span", "cid", c.conversation_id);
+    cidSpan.title = c.conversation_id;
+    row1.append(badge, cidSpan);
     if (c.open_alert_count) {
       const n = el("span", "alert-count", "⚠ " + c.open_alert_count);
       n.title = c.open_alert_count + " open alert(s)";
@@ -203,7 +212,7 @@
       const chip = el("span", "emo-chip", c.last_emotion);
       paintEmotion(chip, c.last_emotion);
       if (c.last_status !== "final") chip.classList.add("status-" + (c.last_status || "provisional"));
-      chip.title = "last utterance: " + c.last_emotion + " (" + c.last_status + ") by " + who(c.last_role, c.last_speaker);
+      chip.title = "last utterance (seq " + c.last_seq + "): " + c.last_emotion + " (" + c.last_status + ") by " + who(c.last_role, c.last_speaker);
       row2.append(chip);
     }
     row2.append(el("span", "muted", (c.utterances || 0) + " utt"));
@@ -228,7 +237,8 @@
 
   function renderCounts() {
     const a = board.alerts.filter((x) => x.kind === "raised").length;
-    $("counts").textContent = board.convs.size + " conversations · " + a + " alerts raised (feed)";
+    $("counts").textContent = board.convs.size + (board.convs.size === 1 ? " conversation" : " conversations") +
+      " · " + a + (a === 1 ? " alert raised" : " alerts raised") + " in the feed";
     const st = board.consumer || {};
     const cons = $("consumer");
     cons.textContent = st.state ? "kafka: " + st.state : "";
@@ -345,6 +355,8 @@
     const head = el("div", "summary-head");
     head.append(el("h3", null, "Summary"),
       el("span", "muted", "ended by " + (s.ended_by || "?") + " · " + (s.utterances ?? "?") + " utterances" +
+        (typeof s.risk === "number" ? " · risk at end " + s.risk.toFixed(2) : "") +
+        ((s.open_alerts || []).length ? " · " + s.open_alerts.length + " alert(s) still open" : "") +
         (s.model && s.model.name ? " · model " + s.model.name + " " + (s.model.version || "") : "") +
         (s.ts_emitted ? " · " + fmtTime(s.ts_emitted) : "")));
     card.append(head);
@@ -366,9 +378,13 @@
     const a = el("div", "summary-col");
     a.append(el("h4", null, "Alerts"));
     const al = el("ul", "summary-alerts");
+    const stillOpen = new Set(s.open_alerts || []);
+    if (s.alerts_truncated) al.append(el("li", "muted", "… earlier alerts not shown"));
     for (const x of s.alerts || []) {
-      const li = el("li", "sev-" + (x.severity || "info"));
-      li.append(el("b", null, x.severity || "?"), document.createTextNode(" " + (x.rule || "?") + " " + (x.kind || "") + " · " + seqRange(x)));
+      const li = el("li", "sev-" + (x.severity || "info") + " kind-" + (x.kind || "raised"));
+      li.append(el("b", null, x.kind === "recovered" ? "recovered" : (x.severity || "?")),
+                document.createTextNode(" " + (x.rule || "?") + " " + (x.kind || "") + " · " + seqRange(x)));
+      if (stillOpen.has(x.alert_id)) li.append(el("span", "still-open", "still open"));
       al.append(li);
     }
     if (!al.children.length) al.append(el("li", "muted", "none"));
@@ -399,6 +415,19 @@
     $("detail-open").replaceChildren(...(c.open_alerts || []).map(openAlertChip));
     renderTimeline(c);
     renderSummary(c);
+    renderConvAlerts(c);
+  }
+
+  function renderConvAlerts(c) {
+    const box = $("conv-alerts");
+    box.hidden = !(c.alerts && c.alerts.length);
+    const items = (c.alerts || []).map((a) => {
+      const li = el("li", "sev-" + a.severity + " kind-" + a.kind);
+      li.append(el("b", null, a.kind === "recovered" ? "recovered" : a.severity),
+        document.createTextNode(" " + fmtTime(a.ts_emitted) + " · " + a.rule + " · " + seqRange(a) + " · " + a.reason));
+      return li;
+    });
+    $("conv-alerts-list").replaceChildren(...items);
   }
 
   function renderAlerts() {
@@ -411,7 +440,8 @@
       if (a.conversation_id === selected) li.classList.add("selected");
       const r1 = el("div", "row1");
       r1.append(el("span", "sev-tag", a.kind === "recovered" ? "recovered" : a.severity),
-        el("span", "rule", a.rule), el("span", "muted time", fmtTime(a.ts_emitted)));
+        el("span", "rule"), el("span", "muted time", fmtTime(a.ts_emitted)));
+      r1.querySelector(".rule").append(breakable(a.rule));
       const r2 = el("div", "reason", a.reason);
       const r3 = el("div", "row3 muted", a.conversation_id + " · " + seqRange(a) + (a.role || a.speaker ? " · " + who(a.role, a.speaker) : ""));
       li.append(r1, r2, r3);
