@@ -9,6 +9,7 @@
 | emotion_monitor_alerts_total | counter | severity, kind | alert events published |
 | emotion_monitor_summaries_total | counter | ended_by | conversation summaries published |
 | emotion_monitor_idle_finalized_total | counter | | conversations finalised by the idle timeout |
+| emotion_monitor_retries_total | counter | error | batches retried after a Redis or broker error |
 | emotion_monitor_batch_size | histogram | | messages per micro-batch |
 | emotion_monitor_stage_seconds | histogram | stage | decode, redis_read, encode, step, produce, redis_write |
 | emotion_monitor_model_info | gauge (1) | name, version, device | the model being served |
@@ -32,6 +33,7 @@ class Metrics:
         self.duplicates = Counter("emotion_monitor_duplicates", "redelivered messages skipped", registry=r)
         self.alerts = Counter("emotion_monitor_alerts", "alert events published", ["severity", "kind"], registry=r)
         self.summaries = Counter("emotion_monitor_summaries", "summaries published", ["ended_by"], registry=r)
+        self.retries = Counter("emotion_monitor_retries", "batches retried after a Redis or broker error", ["error"], registry=r)
         self.idle_finalized = Counter("emotion_monitor_idle_finalized", "conversations finalised when idle", registry=r)
         self.batch_size = Histogram("emotion_monitor_batch_size", "messages per micro-batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)

@@ -30,12 +30,20 @@ class Settings(BaseSettings):
     # faust hard-codes 1500 ms; Tansu (the embedded broker) waits the full interval before
     # answering a fetch, which made produce->event latency ~625 ms. 10 ms gives tens of ms.
     fetch_max_wait_ms: int = Field(10, ge=0, le=5000, description="consumer fetch wait (faust's hard-coded 1500 ms is overridden)")
+    # Kafka security: PLAINTEXT (default), SSL, SASL_PLAINTEXT or SASL_SSL.
+    kafka_security_protocol: str = Field("PLAINTEXT", pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
+                                         description="Kafka security protocol")
+    kafka_sasl_mechanism: str = Field("PLAIN", pattern="^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$",
+                                      description="SASL mechanism when the protocol is SASL_*")
+    kafka_sasl_username: str | None = Field(None, description="SASL username")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL (default: the system's)")
     session_timeout_s: float = Field(10.0, gt=0, description="consumer group session timeout")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="consumer group heartbeat interval")
     rebalance_timeout_s: float = Field(10.0, gt=0, description="consumer group rebalance timeout")
     # ---- Redis ------------------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for conversation state")
-    redis_password: SecretStr | None = Field(None, description="Redis AUTH password (never logged)")
+    redis_password: SecretStr | None = Field(None, description="Redis AUTH password (never logged); TLS: use a rediss:// URL")
     state_ttl_s: int = Field(86400, ge=1, description="idle conversations' state expires after this")
     # ---- model and streaming semantics ------------------------------------------------
     model_path: Path = Field(DEFAULT_MODEL, description="trained artifact folder")
@@ -50,7 +58,8 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(64_000, ge=1, description="larger messages go to the DLQ")
     echo_text: bool = Field(False, description="copy the utterance text into emotion events (personal data)")
     # ---- local stack (make demo, tests) -----------------------------------------------
-    web_port: int = Field(6066, ge=0, description="faust web port of the worker")
+    web_port: int = Field(6066, ge=0, description="faust web port of the worker (/metrics, /healthz, /readyz)")
+    web_host: str = Field("127.0.0.1", description="bind address of the worker's web port (0.0.0.0 in containers)")
     dashboard_host: str = Field("127.0.0.1", description="dashboard bind address")
     dashboard_port: int = Field(8088, ge=0, description="dashboard HTTP port")
     log_level: str = Field("info", description="worker log level")
@@ -58,6 +67,30 @@ class Settings(BaseSettings):
     @property
     def broker_list(self) -> list[str]:
         return [b.strip() for b in self.brokers.split(",") if b.strip()]
+
+    def __repr__(self) -> str:  # pydantic already masks SecretStr; this keeps it short in logs
+        return f"Settings(brokers={self.brokers!r}, app_id={self.app_id!r}, model_path={str(self.model_path)!r})"
+
+    def faust_credentials(self):
+        """faust broker credentials from the Kafka security settings (None = plaintext)."""
+        import ssl
+
+        import faust
+
+        proto = self.kafka_security_protocol
+        if proto == "PLAINTEXT":
+            return None
+        context = ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
+        if proto == "SSL":
+            return faust.SSLCredentials(context)
+        if not self.kafka_sasl_username or self.kafka_sasl_password is None:
+            raise ValueError(f"{proto} needs EMOTION_MONITOR_KAFKA_SASL_USERNAME and EMOTION_MONITOR_KAFKA_SASL_PASSWORD")
+        return faust.SASLCredentials(
+            username=self.kafka_sasl_username,
+            password=self.kafka_sasl_password.get_secret_value(),
+            mechanism=self.kafka_sasl_mechanism,
+            ssl_context=context if proto == "SASL_SSL" else None,
+        )
 
     def bootstrap_servers(self) -> str:
         """host:port list for plain aiokafka clients (without the kafka:// scheme)."""

@@ -34,7 +34,11 @@ log = logging.getLogger("emotion_monitor.worker")
 
 
 class BatchProcessor:
-    """Kafka-free, Redis-thin core of the agent; `publish` is an async callable(topic, key, value)."""
+    """Kafka-free, Redis-thin core of the agent.
+
+    `publish(topic, key, value)` is async: it queues the record and returns an awaitable that
+    resolves when the broker acknowledged it.
+    """
 
     def __init__(self, settings: Settings, scorer, store: StateStore, publish):
         self.s = settings
@@ -51,9 +55,26 @@ class BatchProcessor:
         self.metrics.model_info.labels(*scorer.model_id.partition("@")[::2], str(scorer.device)).set(1)
 
     async def process(self, messages: list[tuple[bytes | None, bytes | None, int, int]]) -> None:
-        """messages: (key, value, partition, offset) in consumption order."""
+        """messages: (key, value, partition, offset) in consumption order.
+
+        Redis or broker trouble (a restart, a network blip) is retried with backoff until it
+        passes: a batch is never dropped. Retrying is safe because the whole batch is idempotent
+        (state is written last, event ids are deterministic, redeliveries are recognised).
+        """
         async with self.lock:
-            await self._process(messages)
+            await self._retrying(self._process, messages)
+
+    async def _retrying(self, fn, *args):
+        delay = 0.1
+        while True:
+            try:
+                return await fn(*args)
+            except TRANSIENT as exc:
+                self.counts["retries"] += 1
+                self.metrics.retries.labels(type(exc).__name__).inc()
+                log.warning("transient %s (%s); retrying in %.1f s", type(exc).__name__, _short(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _process(self, messages) -> None:
         stage = self.metrics.stage
@@ -110,31 +131,37 @@ class BatchProcessor:
     async def finalize_idle(self, partition: int) -> int:
         """Finalise conversations of `partition` idle for longer than idle_finalize_s."""
         async with self.lock:
-            now = time.time()
-            cids = await self.store.idle_since(partition, now - self.s.idle_finalize_s)
-            if not cids:
-                return 0
-            convs = await self.store.load(cids)
-            outcome = Outcome()
-            done: dict[str, Conversation] = {}
-            for cid, conv in convs.items():
-                if conv is not None and not conv.ended:
-                    done[cid] = end_conversation(self.cfg, cid, conv, now, outcome, ended_by="idle")
-            await self._publish(outcome, [])
-            await self.store.save(done, {c: partition for c in done})
-            await self.store.forget_idle(partition, [c for c in cids if c not in done])
-            self.counts["idle_finalized"] += len(done)
-            self.metrics.idle_finalized.inc(len(done))
-            return len(done)
+            return await self._retrying(self._finalize_idle, partition)
+
+    async def _finalize_idle(self, partition: int) -> int:
+        now = time.time()
+        cids = await self.store.idle_since(partition, now - self.s.idle_finalize_s)
+        if not cids:
+            return 0
+        convs = await self.store.load(cids)
+        outcome = Outcome()
+        done: dict[str, Conversation] = {}
+        for cid, conv in convs.items():
+            if conv is not None and not conv.ended:
+                done[cid] = end_conversation(self.cfg, cid, conv, now, outcome, ended_by="idle")
+        await self._publish(outcome, [])
+        await self.store.save(done, {c: partition for c in done})
+        await self.store.forget_idle(partition, [c for c in cids if c not in done])
+        self.counts["idle_finalized"] += len(done)
+        self.metrics.idle_finalized.inc(len(done))
+        return len(done)
 
     async def _publish(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
+        """Queue every record in order (per-key order on the topics = order of the events), then
+        wait for all the broker's acks together."""
         s = self.s
-        sends = [self.publish(s.emotions_topic, ev["conversation_id"].encode(), _dumps(ev)) for ev in outcome.events]
-        sends += [self.publish(s.alerts_topic, a["conversation_id"].encode(), _dumps(a)) for a in outcome.alerts]
-        sends += [self.publish(s.summaries_topic, m["conversation_id"].encode(), _dumps(m)) for m in outcome.summaries]
-        sends += [self.publish(s.dlq_topic, None, _dumps(rec)) for rec in dlq]
-        if sends:
-            await asyncio.gather(*sends)
+        records = [(s.emotions_topic, ev["conversation_id"].encode(), ev) for ev in outcome.events]
+        records += [(s.alerts_topic, a["conversation_id"].encode(), a) for a in outcome.alerts]
+        records += [(s.summaries_topic, m["conversation_id"].encode(), m) for m in outcome.summaries]
+        records += [(s.dlq_topic, None, rec) for rec in dlq]
+        acks = [await self.publish(topic, key, _dumps(value)) for topic, key, value in records]
+        if acks:
+            await asyncio.gather(*acks)
         for a in outcome.alerts:
             self.metrics.alerts.labels(a["severity"], a["kind"]).inc()
         for m in outcome.summaries:
@@ -161,6 +188,24 @@ class BatchProcessor:
         }
 
 
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import redis.exceptions
+    from aiokafka.errors import KafkaError
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
+            KafkaError, ConnectionError, asyncio.TimeoutError)
+
+
+TRANSIENT = _transient_errors()
+
+
+def _short(exc: BaseException) -> str:
+    # Exception texts from clients may echo a URL with a password: keep only the first line, masked.
+    import re
+
+    return re.sub(r"//[^@/\s]*@", "//***@", str(exc).splitlines()[0] if str(exc) else "")[:200]
+
+
 def _dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -184,21 +229,23 @@ def build_app(settings: Settings, scorer):
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         producer_acks=-1,
         web_port=settings.web_port,
-        web_bind="127.0.0.1",
+        web_bind=settings.web_host,
+        broker_credentials=settings.faust_credentials(),
         autodiscover=False,
         store="memory://",
     )
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     # Keys are namespaced by app id: two deployments (say a MELD and an EmoryNLP model) can share
     # one Redis without one's idle timer finalising the other's conversations.
-    store = StateStore(aioredis.from_url(settings.redis_url, password=password), settings.state_ttl_s, prefix=f"em:{settings.app_id}")
+    client = aioredis.from_url(settings.redis_url, password=password, socket_connect_timeout=5, socket_timeout=10)
+    store = StateStore(client, settings.state_ttl_s, prefix=f"em:{settings.app_id}")
     source = app.topic(settings.utterances_topic, partitions=settings.partitions)
     outputs = (settings.emotions_topic, settings.alerts_topic, settings.summaries_topic, settings.dlq_topic)
     topics = {name: app.topic(name, partitions=settings.partitions) for name in outputs}
 
-    async def publish(topic: str, key: bytes | None, value: bytes) -> None:
-        fut = await topics[topic].send(key=key, value=value)
-        await fut  # the broker's ack: only then is the state written
+    async def publish(topic: str, key: bytes | None, value: bytes):
+        # Returns the ack future: awaiting send() itself only queues, in call order.
+        return await topics[topic].send(key=key, value=value)
 
     processor = BatchProcessor(settings, scorer, store, publish)
     app.processor = processor  # for tests and metrics

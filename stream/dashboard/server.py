@@ -21,7 +21,6 @@ that authenticates, since it shows who is upset in which conversation.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -33,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from stream.dashboard import add_dashboard, run_dashboard_cmd  # noqa: F401 - re-exported (CLI side)
 from stream.dashboard.state import BoardState, coalesce
 
 log = logging.getLogger("emotion_monitor.dashboard")
@@ -266,39 +266,3 @@ async def run_dashboard(settings, host: str | None = None, port: int | None = No
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
         await server.stop()
-
-
-def add_dashboard(sub) -> None:
-    """`emotion-monitor dashboard` (wired into stream/cli.py by its owner)."""
-    p = sub.add_parser(
-        "dashboard", help="serve the live web dashboard (conversations by risk, timelines, alerts, summaries)",
-        description="Serve a live web board fed by the emotions, emotion-alerts and conversation-summaries "
-        "topics: active conversations sorted by risk, each one's per-utterance emotion timeline (provisional "
-        "verdicts hatched, final ones solid), the alerts feed and the summaries of ended conversations. "
-        "Broker and topics come from the environment (EMOTION_MONITOR_*; `emotion-monitor settings`). "
-        "No authentication: it binds 127.0.0.1 unless told otherwise.",
-    )
-    p.add_argument("--host", default=None,
-                   help="bind address (default: EMOTION_MONITOR_DASHBOARD_HOST, 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None,
-                   help="HTTP port, 0 = any free port (default: EMOTION_MONITOR_DASHBOARD_PORT, 8088)")
-    p.add_argument("--bootstrap", default=None,
-                   help="Kafka host:port list (default: from EMOTION_MONITOR_BROKERS)")
-    p.set_defaults(func=run_dashboard_cmd)
-
-
-def run_dashboard_cmd(args: argparse.Namespace) -> int:
-    from stream.settings import Settings
-
-    overrides = {}
-    if getattr(args, "bootstrap", None):
-        overrides["brokers"] = ",".join(f"kafka://{b.strip().split('://', 1)[-1]}"
-                                        for b in args.bootstrap.split(",") if b.strip())
-    settings = Settings(**overrides)
-    if args.port is not None and not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be 0..65535, got {args.port}")
-    try:
-        asyncio.run(run_dashboard(settings, host=args.host, port=args.port))
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is the normal way to stop it
-    return 0

@@ -373,7 +373,7 @@ def test_topics_service_creates_every_topic_the_monitor_uses():
     topics = service("topics")
     script = command_text(topics.get("entrypoint")) + "\n" + command_text(topics.get("command"))
     assert "/opt/kafka/bin/kafka-topics.sh" in script and "kafka:9092" in script and "--if-not-exists" in script
-    created = dict(re.findall(r"^\s*create\s+([\w.-]+)\s+(\d+)\s*$", script, flags=re.M))
+    created = dict(re.findall(r"^\s*create\s+([\w.-]+)\s+(\d+)\s*$", script, flags=re.MULTILINE))
     wanted = {default(f) for f in ("utterances_topic", "emotions_topic", "dlq_topic", "alerts_topic", "summaries_topic")}
     assert set(created) == wanted
     for name in WORKER_SERVICES:
@@ -477,7 +477,7 @@ def test_dockerfiles_pin_the_torch_version_of_the_makefile():
     if not pinned:
         pytest.skip("the Makefile pins no torch version")
     for path in DOCKERFILES.values():
-        arg = re.search(r"^ARG\s+TORCH_VERSION=(\S+)", path.read_text(encoding="utf-8"), flags=re.M)
+        arg = re.search(r"^ARG\s+TORCH_VERSION=(\S+)", path.read_text(encoding="utf-8"), flags=re.MULTILINE)
         assert arg, f"{path.name}: no ARG TORCH_VERSION"
         assert arg.group(1) == pinned.group(1), f"{path.name}: torch {arg.group(1)}, the Makefile installs {pinned.group(1)}"
 
@@ -522,7 +522,7 @@ def test_the_installed_project_carries_every_data_file(tmp_path):
     for pkg in roots:
         shutil.copytree(ROOT / pkg, src / pkg, ignore=ignore)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path / "dist")], cwd=src, capture_output=True, text=True, timeout=300)
+                           "-w", str(tmp_path / "dist")], cwd=src, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     in_wheel = set(zipfile.ZipFile(wheel).namelist())
@@ -581,7 +581,7 @@ def test_kustomize_builds():
     if not (kubectl or kustomize):
         pytest.skip("neither kubectl nor kustomize is installed")
     argv = [kubectl, "kustomize", str(K8S)] if kubectl else [kustomize, "build", str(K8S)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
