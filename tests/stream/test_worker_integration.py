@@ -209,3 +209,26 @@ def test_metrics_and_health_endpoints(stack, worker):
     assert values["emotion_monitor_duplicates_total"] >= 1
     assert values['emotion_monitor_model_info{device="cpu",name="tiny",version="0.0.1"}'] == 1
     assert any(k.startswith('emotion_monitor_stage_seconds_count{stage="encode"}') for k in values)
+
+
+def test_fuzzed_garbage_all_lands_in_the_dlq(stack, worker):
+    """200 random invalid messages: every one is in the DLQ with a reason, the worker lives on."""
+    import random
+
+    from stream.validate import Rejected, parse_message
+
+    names, w = worker
+    rng = random.Random(99)
+    msgs = []
+    while len(msgs) < 200:
+        value = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60)))
+        key = rng.choice([b"fz", None, b"other"])
+        if isinstance(parse_message(value, key, 64_000, 4000), Rejected):
+            msgs.append((key, value))
+    run(produce(stack.bootstrap, names["utterances"], msgs))
+    wanted = {v for _, v in msgs}
+    dlq = run(collect(stack.bootstrap, names["dlq"],
+                      lambda r: len(wanted & {base64.b64decode(x["value_b64"]) for x in r}) >= len(wanted), timeout_s=60))
+    got = [x for x in dlq if base64.b64decode(x["value_b64"]) in wanted]
+    assert len({base64.b64decode(x["value_b64"]) for x in got}) == len(wanted) and all(x["reason"] for x in got)
+    assert w.proc.poll() is None, w.tail()
