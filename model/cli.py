@@ -46,6 +46,58 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_evaluate)
 
 
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="build the encoder ahead of time: a torch.export program, a TensorRT engine, or a warmed torch.compile",
+        description="export: a torch.export program (.pt2) of the fine-tuned encoder with dynamic batch (1-256) and "
+        "sequence (1-64) dimensions, loadable without the training code. tensorrt: a TensorRT module (float16, dynamic "
+        "shapes; needs CUDA and `pip install 'emotion-monitor[tensorrt]'`). compile: runs torch.compile on typical shapes "
+        "so its cache is warm (torch.compile has no portable file to save).",
+    )
+    p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld", help="artifact folder")
+    p.add_argument("--backend", choices=["export", "compile", "tensorrt"], default="export")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: <model>/encoder.<backend>.pt2)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from model.artifact import load_artifact
+    from model.backends import build_encoder, choose_backend, compile_tensorrt, export_encoder
+    from model.inference import tokenize
+    from model.modeling import load_tokenizer
+    from model.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    model, _ = load_artifact(args.model, device)
+    ids, mask = tokenize(load_tokenizer(), ["An example utterance.", "Another, slightly longer example utterance here."],
+                         model.cfg.max_tokens, device)
+    out = args.out or Path(args.model) / f"encoder.{args.backend}.pt2"
+    t0 = time.perf_counter()
+    if args.backend == "export":
+        export_encoder(model.encoder, out, (ids, mask))
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+        return 0
+    if args.backend == "tensorrt":  # pragma: no cover - CUDA + torch-tensorrt only
+        choose_backend("tensorrt", device)  # a clear error when it cannot work here
+        import torch_tensorrt
+
+        torch_tensorrt.save(compile_tensorrt(model.encoder, device), str(out), inputs=[ids, mask])
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+        return 0
+    used, fn = build_encoder(model.encoder, "compile", device)
+    with torch.inference_mode():
+        for n in (1, 16, 64):  # typical batch sizes, so the first real batches hit a warm cache
+            fn(ids.repeat(n, 1), mask.repeat(n, 1))
+    print(f"compiled ({used}) in {time.perf_counter() - t0:.1f} s; the torch.compile cache is warm")
+    return 0
+
+
 def _parse_value(v: str):
     low = v.lower()
     if low in {"true", "false"}:
@@ -118,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_evaluate(sub)
+    add_export(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

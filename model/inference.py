@@ -24,25 +24,26 @@ def tokenize(tokenizer, texts: Sequence[str], max_tokens: int, device: torch.dev
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-def encode_bucketed(model: EmotionSIModel, tokenizer, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+def encode_bucketed(model: EmotionSIModel, tokenizer, texts: Sequence[str], batch_size: int = 32, encode_fn=None) -> torch.Tensor:
     """Utterance vectors (N, D) in input order, encoded in length-sorted chunks.
 
     Padding every text of a step to its longest one wasted ~77% of the encoder's work on MELD
     (most utterances are short, a few long); sorted chunks keep padding small.
     """
     dev = next(model.parameters()).device
+    encode_fn = encode_fn or model.encode
     order = np.argsort([len(t) for t in texts], kind="stable")
     parts = []
     for i in range(0, len(texts), batch_size):
         ids, mask = tokenize(tokenizer, [texts[j] for j in order[i : i + batch_size]], model.cfg.max_tokens, dev)
-        parts.append(model.encode(ids, mask).float())
+        parts.append(encode_fn(ids, mask).float())
     inverse = torch.as_tensor(np.argsort(order, kind="stable"), device=dev)
     return torch.cat(parts)[inverse]
 
 
 @torch.inference_mode()
-def encode_texts(model: EmotionSIModel, tokenizer, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    return encode_bucketed(model, tokenizer, texts, batch_size)
+def encode_texts(model: EmotionSIModel, tokenizer, texts: Sequence[str], batch_size: int = 64, encode_fn=None) -> torch.Tensor:
+    return encode_bucketed(model, tokenizer, texts, batch_size, encode_fn)
 
 
 def pad_dialogues(vectors: torch.Tensor, dialogues: Sequence[Dialogue], num_parties: int):

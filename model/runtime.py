@@ -27,21 +27,24 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 class Scorer:
-    def __init__(self, artifact: str | Path, device: str = "auto"):
+    def __init__(self, artifact: str | Path, device: str = "auto", backend: str = "eager"):
         self.device = resolve_device(device)
         model, config = load_artifact(artifact, self.device)
-        self._bind(model, config)
+        self._bind(model, config, backend)
 
     @classmethod
     def from_model(cls, model, name: str = "untrained", version: str = "0") -> "Scorer":
         """Wrap an in-memory model (tests, notebooks)."""
         self = cls.__new__(cls)
         self.device = next(model.parameters()).device
-        self._bind(model.eval(), {"name": name, "version": version})
+        self._bind(model.eval(), {"name": name, "version": version}, "eager")
         return self
 
-    def _bind(self, model, config) -> None:
+    def _bind(self, model, config, backend: str) -> None:
+        from model.backends import build_encoder
+
         self.model, self.config = model, config
+        self.backend, self._encode_fn = build_encoder(model.encoder, backend, self.device)
         self.tokenizer = load_tokenizer()
         self.labels = model.cfg.emotion_labels
         self.model_id = f"{config['name']}@{config['version']}"
@@ -57,7 +60,7 @@ class Scorer:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.model.encoder.dim), dtype=np.float32)
-        return encode_texts(self.model, self.tokenizer, list(texts)).cpu().numpy()
+        return encode_texts(self.model, self.tokenizer, list(texts), encode_fn=self._encode_fn).cpu().numpy()
 
     def step(self, states: list[DialogueState], vectors: np.ndarray, speakers: list[str]) -> tuple[list[DialogueState], list[list[Scored]]]:
         return step(self.model, states, vectors, speakers)

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # ---- model and streaming semantics ------------------------------------------------
     model_path: Path = Field(DEFAULT_MODEL, description="trained artifact folder")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
+    backend: str = Field("auto", pattern="^(auto|eager|compile|tensorrt)$",
+                         description="encoder backend: auto (tensorrt > compile on CUDA, eager on CPU), eager, compile, tensorrt")
     idle_finalize_s: float = Field(30.0, gt=0, description="a conversation idle this long gets its pending utterances finalised")
     rules_path: Path | None = Field(None, description="alert rules TOML (default: the shipped stream/rules/default.toml)")
     # ---- batching (one encoder call per batch) ----------------------------------------

@@ -307,8 +307,9 @@ def run_worker(settings: Settings) -> None:
     from stream.localstack import create_topics
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scorer = Scorer(settings.model_path, settings.device)
-    log.info("model %s on %s (lookahead %d, window %d)", scorer.model_id, scorer.device, scorer.lookahead, scorer.window)
+    scorer = Scorer(settings.model_path, settings.device, settings.backend)
+    log.info("model %s on %s, encoder backend %s (lookahead %d, window %d)", scorer.model_id, scorer.device,
+             scorer.backend, scorer.lookahead, scorer.window)
     topics = {t: settings.partitions for t in (settings.utterances_topic, settings.emotions_topic, settings.alerts_topic,
                                               settings.summaries_topic, settings.dlq_topic)}
     asyncio.run(create_topics(settings.bootstrap_servers(), topics))
