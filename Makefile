@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	# redis-server for the local stack (Debian package; skipped when present).
 	bash deploy/install-redis.sh
+	# Debian's chromium for the dashboard's browser tests (Playwright drives it; no browser download).
+	bash deploy/install-browser.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first: the wheel lies on this machine's disk; otherwise a CUDA build is pulled.

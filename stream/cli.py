@@ -10,8 +10,10 @@ import sys
 
 from model import cli as model_cli
 from stream.bench import add_bench
+from stream.dashboard import add_dashboard
 from stream.demo import add_demo
 from stream.replay import add_replay
+from stream.soak import add_soak
 from stream.watch import add_watch
 
 
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_watch(sub)
     add_demo(sub)
     add_bench(sub)
+    add_soak(sub)
+    add_dashboard(sub)
     p = sub.add_parser(
         "worker",
         help="run the streaming worker (faust) over Kafka and Redis",
