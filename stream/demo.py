@@ -37,6 +37,9 @@ def add_demo(sub) -> None:
     p.add_argument("--model", type=Path, default=None, help="artifact folder (default: the shipped MELD model)")
     p.add_argument("--quiet", action="store_true", help="do not print every event")
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    p.add_argument("--dashboard-port", type=int, default=None,
+                   help="port of the live dashboard during the demo (default: EMOTION_MONITOR_DASHBOARD_PORT, 8088; 0 = any free port)")
+    p.add_argument("--hold", type=float, default=0.0, help="keep the stack and the dashboard up this many seconds after the replay")
     p.set_defaults(func=run_demo)
 
 
@@ -57,11 +60,22 @@ async def _demo(args) -> int:
     topics = {base.utterances_topic: base.partitions, base.emotions_topic: base.partitions, base.dlq_topic: 1}
     workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-demo-"))
     console.print(f"[bold]demo[/]: starting a local Kafka-protocol broker (Tansu) and redis-server (logs in {workdir})")
+    topics |= {base.alerts_topic: base.partitions, base.summaries_topic: base.partitions}
+    alerts: list[dict] = []
     with local_stack(topics, workdir=workdir) as stack:
+        from stream.dashboard.server import DashboardServer
+
+        board = DashboardServer(base.model_copy(update={"brokers": f"kafka://{stack.bootstrap}"}), port=args.dashboard_port)
+        try:
+            await board.start()
+        except OSError:  # the default port is taken: any free one will do for a demo
+            board = DashboardServer(base.model_copy(update={"brokers": f"kafka://{stack.bootstrap}"}), port=0)
+            await board.start()
+        console.print(f"[bold]demo[/]: live dashboard at [link]{board.url}[/link] (open it in a browser while the demo runs)")
         env = local_worker_env(stack, model_path=args.model)
         console.print(f"[bold]demo[/]: starting a worker with the model {env.get('EMOTION_MONITOR_MODEL_PATH', base.model_path)}")
         worker = LocalWorker(env, workdir / "worker.log")
-        consumer = AIOKafkaConsumer(base.emotions_topic, bootstrap_servers=stack.bootstrap, group_id=None,
+        consumer = AIOKafkaConsumer(base.emotions_topic, base.alerts_topic, bootstrap_servers=stack.bootstrap, group_id=None,
                                     auto_offset_reset="earliest", fetch_max_wait_ms=10)
         await consumer.start()
         finals: dict[tuple[str, int], str] = {}
@@ -74,6 +88,10 @@ async def _demo(args) -> int:
             sender = asyncio.create_task(replay(args.file, stack.bootstrap, base.utterances_topic, speed=args.speed, progress=False))
 
             def on_event(event: dict) -> bool:
+                if "alert_id" in event:
+                    alerts.append(event)
+                    console.print(f"[bold red]ALERT[/] {event['severity']:<8} {event['conversation_id']}: {event['reason']}")
+                    return False
                 key = (event["conversation_id"], event["seq"])
                 if key not in expected:
                     return False
@@ -89,10 +107,16 @@ async def _demo(args) -> int:
                 await _read(consumer, on_event, deadline, max_wait=0.5)
                 worker.check()
             await sender
+            if args.hold > 0:
+                console.print(f"[bold]demo[/]: holding for {args.hold:.0f} s; dashboard at {board.url}")
+                await asyncio.sleep(args.hold)
         finally:
             await consumer.stop()
             worker.stop()
+            await board.stop()
     lost = len(expected - set(finals))
+    raised = [a for a in alerts if a["kind"] == "raised"]
+    print(f"demo: {len(raised)} alerts raised in {len({a['conversation_id'] for a in raised})} conversations")
     p50, p99 = (np.percentile(latencies, [50, 99]) if latencies else (float("nan"), float("nan")))
     print(f"demo: {len(expected)} utterances in, {len(finals)} final events out, {lost} lost, p50 {p50:.0f} ms, p99 {p99:.0f} ms")
     return 0 if lost == 0 else 1
