@@ -203,32 +203,39 @@ class EmotionSIModel(nn.Module):
 
     def score_windows(
         self,
-        u_win: torch.Tensor,  # (N, W, D) left-padded, the horizon in the last column
-        party_win: torch.Tensor,  # (N, W)
-        fwd_win: torch.Tensor,  # (N, W, branches, H) carried forward states
-        win_mask: torch.Tensor,  # (N, W) True at real positions
-        target_pos: torch.Tensor,  # (N,) column of the target utterance
+        u_win: torch.Tensor,  # (M, W, D) left-padded windows, the horizon in the last column
+        party_win: torch.Tensor,  # (M, W)
+        fwd_win: torch.Tensor,  # (M, W, branches, H) carried forward states
+        win_mask: torch.Tensor,  # (M, W) True at real positions
+        target_pos: torch.Tensor,  # (N,) column of each target utterance
+        rows: torch.Tensor | None = None,  # (N,) window of each target; None = target n in window n
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Emotion logits (N, E) and SI logits (N, S) for one target per window."""
-        rows = torch.arange(u_win.shape[0], device=u_win.device)
+        """Emotion logits (N, E) and SI logits (N, S).
+
+        Several targets may share a window (streaming re-scores the last L + 1 utterances of a
+        conversation against one window): the backward GRUs then run once per window, not per target.
+        """
+        if rows is None:
+            rows = torch.arange(u_win.shape[0], device=u_win.device)
         if self.context is None:
-            reps = self.drop(u_win)  # (N, W, D)
+            reps = self.drop(u_win)  # (M, W, D)
             emo_seq = si_seq = reps
         else:
-            bwd = self.context.backward_states(self.drop(u_win), party_win)  # (N, W, br, H)
-            h = torch.cat([fwd_win, bwd], dim=-1)  # (N, W, br, 2H)
+            bwd = self.context.backward_states(self.drop(u_win), party_win)  # (M, W, br, H)
+            h = torch.cat([fwd_win, bwd], dim=-1)  # (M, W, br, 2H)
             if self.cfg.shared_private:
-                emo_seq = torch.cat([h[:, :, EMOTION], h[:, :, SHARED]], dim=-1)  # (N, W, 4H)
-                si_seq = torch.cat([h[:, :, SI_PRIVATE], h[:, :, SHARED]], dim=-1)  # (N, W, 4H)
+                emo_seq = torch.cat([h[:, :, EMOTION], h[:, :, SHARED]], dim=-1)  # (M, W, 4H)
+                si_seq = torch.cat([h[:, :, SI_PRIVATE], h[:, :, SHARED]], dim=-1)  # (M, W, 4H)
             else:
-                emo_seq = si_seq = h[:, :, EMOTION]  # (N, W, 2H)
+                emo_seq = si_seq = h[:, :, EMOTION]  # (M, W, 2H)
             emo_seq, si_seq = self.drop(emo_seq), self.drop(si_seq)
         e_t = emo_seq[rows, target_pos]  # (N, emo_dim)
         s_t = si_seq[rows, target_pos]  # (N, si_dim)
         feats = e_t
         if self.cfg.cross_attention:
             q = self.query(e_t).unsqueeze(1)  # (N, 1, A)
-            a, _ = self.attn(q, si_seq, si_seq, key_padding_mask=~win_mask, need_weights=False)  # (N, 1, A)
+            keys = si_seq[rows]  # (N, W, si_dim)
+            a, _ = self.attn(q, keys, keys, key_padding_mask=~win_mask[rows], need_weights=False)  # (N, 1, A)
             feats = torch.cat([e_t, a.squeeze(1)], dim=-1)
         return self.emotion_head(feats), self.si_head(s_t)
 

@@ -140,7 +140,7 @@ def step(
     rows = torch.tensor([i for i in range(B) for _ in range(n_targets[i])], device=dev)
     back = torch.tensor([j for i in range(B) for j in range(n_targets[i])], device=dev)  # 0 = horizon
     target_pos = width - 1 - back
-    logits, _ = model.score_windows(u_win[rows], p_win[rows], f_win[rows], mask[rows], target_pos)
+    logits, _ = model.score_windows(u_win, p_win, f_win, mask, target_pos, rows)
     probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     out_states, outputs = [], []
