@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import tempfile
 import json
 import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -233,6 +235,9 @@ def build_app(settings: Settings, scorer):
         broker_credentials=settings.faust_credentials(),
         autodiscover=False,
         store="memory://",
+        # faust writes a data folder per app id; with no tables it holds nothing worth keeping,
+        # so keep it out of the working directory.
+        datadir=str(Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id),
     )
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     # Keys are namespaced by app id: two deployments (say a MELD and an EmoryNLP model) can share
