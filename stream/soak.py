@@ -62,8 +62,8 @@ async def _soak(args) -> int:
                                                 settings.summaries_topic)} | {settings.dlq_topic: 1}
     samples: list[dict] = []
     with local_stack(topics, workdir=workdir) as stack:
-        worker = LocalWorker(local_worker_env(stack, state_ttl_s=args.ttl, idle_finalize_s=max(2, args.ttl // 2)),
-                             workdir / "worker.log")
+        idle_s = max(2, args.ttl // 2)
+        worker = LocalWorker(local_worker_env(stack, state_ttl_s=args.ttl, idle_finalize_s=idle_s), workdir / "worker.log")
         r = aioredis.from_url(stack.redis_url)
         producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False, linger_ms=5)
         from aiokafka import AIOKafkaConsumer
@@ -110,8 +110,11 @@ async def _soak(args) -> int:
                 await asyncio.sleep(max(0.0, t0 + sent / args.rate - time.time()))
             await producer.flush()
             await sample("load-end", t0)
-            console.print(f"[dim]soak[/] load stopped; waiting {args.ttl + 5} s for idle state to expire")
-            await asyncio.sleep(args.ttl + 5)
+            # Conversations still open at the end are finalised after idle_s (which rewrites their
+            # state, restarting its TTL), then expire after the TTL.
+            wait = idle_s + args.ttl + 10
+            console.print(f"[dim]soak[/] load stopped; waiting {wait} s for idle conversations to be finalised and expire")
+            await asyncio.sleep(wait)
             await sample("after-ttl", t0)
         finally:
             await producer.stop()

@@ -6,20 +6,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from stream.localrun import LocalWorker, free_port
 
 
 def worker_env(stack, model_path: Path, names: dict[str, str], **extra) -> dict[str, str]:
@@ -53,24 +46,13 @@ def unique_names() -> dict[str, str]:
             "alerts": f"alerts-{tag}", "summaries": f"sum-{tag}"}
 
 
-class WorkerProcess:
-    def __init__(self, env: dict[str, str], log: Path):
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env,
-                                     stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+class WorkerProcess(LocalWorker):
+    """The demo's worker launcher, plus what tests need: SIGKILL and the log's tail."""
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
