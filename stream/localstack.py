@@ -194,14 +194,18 @@ async def _cluster_id(bootstrap: str) -> str:
         await client.close()
 
 
-def start_broker(workdir: Path | str) -> tuple[subprocess.Popen, int]:
-    """Start Tansu on a free loopback port; returns (process, port) once Metadata answers."""
+def start_broker(workdir: Path | str, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """Start Tansu on `port` (default: a free loopback port); returns (process, port) once Metadata answers.
+
+    A fixed port lets a test restart the broker where its clients expect it.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "tansu.log"
     binary = tansu_binary()
-    for _ in range(PORT_ATTEMPTS):
-        port = _free_port()
+    fixed = port
+    for _ in range(1 if fixed else PORT_ATTEMPTS):
+        port = fixed or _free_port()
         url = f"tcp://127.0.0.1:{port}"
         # A unique cluster id lets the readiness check tell our broker from one that already
         # held the port: Tansu panics on "address in use" but still exits 0, and for a few ms

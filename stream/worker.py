@@ -218,6 +218,8 @@ def build_app(settings: Settings, scorer):
 
     from stream.faust_app import MonitorApp
 
+    datadir = Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = MonitorApp(
         settings.app_id,
         broker=settings.broker_list,
@@ -237,7 +239,7 @@ def build_app(settings: Settings, scorer):
         store="memory://",
         # faust writes a data folder per app id; with no tables it holds nothing worth keeping,
         # so keep it out of the working directory.
-        datadir=str(Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id),
+        datadir=str(datadir),
     )
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     # Keys are namespaced by app id: two deployments (say a MELD and an EmoryNLP model) can share

@@ -106,3 +106,32 @@ def test_second_worker_joins_mid_stream(stack, tiny_artifact, tmp_path):
         assert firsts == sorted(firsts), (cid, seqs)
     _check_same_as_offline(mine, convs, tiny_artifact)
     assert "Elected group leader" in a.log.read_text() + b.log.read_text()
+
+
+def test_broker_restart_worker_reconnects_and_resumes(stack, tiny_artifact, tmp_path):
+    """The embedded broker keeps everything in memory: after a restart the topics are recreated
+    empty. The worker must reconnect and go on with new traffic (its Redis state is intact)."""
+    from stream.localstack import start_broker
+
+    broker, port = start_broker(tmp_path / "broker")
+    bootstrap = f"127.0.0.1:{port}"
+    names = unique_names()
+    topics = {names["utterances"]: 3, names["emotions"]: 3, names["dlq"]: 1, names["alerts"]: 3, names["summaries"]: 3}
+    run(create_topics(bootstrap, topics))
+    env = worker_env(stack, tiny_artifact, names, idle_finalize_s=30, brokers=f"kafka://{bootstrap}")
+    w = WorkerProcess(env, tmp_path / "w.log")
+    try:
+        run(produce(bootstrap, names["utterances"], conversation("br-1", 3)))
+        first = run(collect(bootstrap, names["emotions"], lambda ev: sum(e["status"] == "provisional" for e in ev) >= 3, 90))
+        assert sum(e["status"] == "provisional" for e in first) >= 3, w.tail()
+        stop_process(broker)
+        time.sleep(3)
+        broker, _ = start_broker(tmp_path / "broker", port=port)
+        run(create_topics(bootstrap, topics))
+        run(produce(bootstrap, names["utterances"], conversation("br-2", 4) + [end("br-2")]))
+        events = run(collect(bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {"br-2"})) >= 4, 120))
+        assert sorted(finals_of(events, {"br-2"})) == [("br-2", i) for i in range(4)], w.tail(80)
+        assert w.proc.poll() is None
+    finally:
+        w.stop()
+        stop_process(broker)
