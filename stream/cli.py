@@ -47,12 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_worker_cmd(args: argparse.Namespace) -> int:
+    import os
+
     from stream.settings import Settings
+
+    settings = Settings()
+    # Read by the OpenMP runtime when torch loads: set before anything imports torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy)
     from stream.worker import run_worker
 
     # faust's Worker parses sys.argv itself: leave it only the program name.
     sys.argv = sys.argv[:1]
-    run_worker(Settings())
+    run_worker(settings)
     return 0
 
 

@@ -314,6 +314,10 @@ def run_worker(settings: Settings) -> None:
     from stream.localstack import create_topics
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     scorer = Scorer(settings.model_path, settings.device, settings.backend)
     log.info("model %s on %s, encoder backend %s (lookahead %d, window %d)", scorer.model_id, scorer.device,
              scorer.backend, scorer.lookahead, scorer.window)
