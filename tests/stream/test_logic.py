@@ -96,3 +96,12 @@ def test_event_ids_are_deterministic_and_distinct():
     a = event_id("m@1", "c", 3, "final")
     assert a == event_id("m@1", "c", 3, "final") and len(a) == 32
     assert len({a, event_id("m@1", "c", 3, "provisional"), event_id("m@1", "c", 3, "revised", 4), event_id("m@1", "c", 3, "revised", 5)}) == 4
+
+
+def test_text_is_echoed_only_when_configured(scorer):
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, echo_text=True)
+    item = utt("c", 0, text="please call me back")
+    _, out = step(cfg, scorer.step, {"c": None}, [item], scorer.encode([item.text]), 0.0)
+    assert out.events[0]["text"] == "please call me back"
+    _, out = run(scorer, {"c": None}, [item])
+    assert "text" not in out.events[0]

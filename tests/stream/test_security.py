@@ -49,4 +49,7 @@ def test_worker_uses_redis_auth_and_keeps_the_password_out_of_its_log(stack, tin
         w.stop()
         stop_process(redis_proc)
     assert len(finals_of(events, {"auth-1"})) == 3, w.tail()
-    assert SECRET not in w.log.read_text()
+    log = w.log.read_text()
+    assert SECRET not in log
+    # transcript text stays out of the log, even at debug level
+    assert not any(m["text"] in log for m in conversation("auth-1", 3))
