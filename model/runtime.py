@@ -27,8 +27,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 class Scorer:
-    def __init__(self, artifact: str | Path, device: str = "auto", backend: str = "eager"):
+    def __init__(self, artifact: str | Path, device: str = "auto", backend: str = "eager",
+                 max_batch: int = 64, token_budget: int | None = None):
         self.device = resolve_device(device)
+        self.max_batch, self.token_budget = max_batch, token_budget
         model, config = load_artifact(artifact, self.device)
         self._bind(model, config, backend)
 
@@ -37,6 +39,7 @@ class Scorer:
         """Wrap an in-memory model (tests, notebooks)."""
         self = cls.__new__(cls)
         self.device = next(model.parameters()).device
+        self.max_batch, self.token_budget = 64, None
         self._bind(model.eval(), {"name": name, "version": version}, "eager")
         return self
 
@@ -60,7 +63,8 @@ class Scorer:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.model.encoder.dim), dtype=np.float32)
-        return encode_texts(self.model, self.tokenizer, list(texts), encode_fn=self._encode_fn).cpu().numpy()
+        return encode_texts(self.model, self.tokenizer, list(texts), self.max_batch, self._encode_fn,
+                            self.token_budget).cpu().numpy()
 
     def step(self, states: list[DialogueState], vectors: np.ndarray, speakers: list[str]) -> tuple[list[DialogueState], list[list[Scored]]]:
         return step(self.model, states, vectors, speakers)

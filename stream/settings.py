@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     # ---- batching (one encoder call per batch) ----------------------------------------
     max_batch: int = Field(64, ge=1, description="utterances per micro-batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill up")
+    max_batch_tokens: int = Field(4096, ge=64, description="padded tokens per encoder call at most (length-sorted groups)")
     # ---- input limits and privacy -----------------------------------------------------
     max_text_chars: int = Field(4000, ge=1, description="longer texts go to the DLQ")
     max_message_bytes: int = Field(64_000, ge=1, description="larger messages go to the DLQ")

@@ -318,7 +318,7 @@ def run_worker(settings: Settings) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    scorer = Scorer(settings.model_path, settings.device, settings.backend)
+    scorer = Scorer(settings.model_path, settings.device, settings.backend, settings.max_batch, settings.max_batch_tokens)
     log.info("model %s on %s, encoder backend %s (lookahead %d, window %d)", scorer.model_id, scorer.device,
              scorer.backend, scorer.lookahead, scorer.window)
     topics = {t: settings.partitions for t in (settings.utterances_topic, settings.emotions_topic, settings.alerts_topic,

@@ -129,3 +129,17 @@ def test_loss_ignores_unlabelled_targets():
     none = torch.full((4,), -100)
     loss, parts = emotion_si_loss(emo, none, si, none, 0.5)
     assert loss.item() == 0.0 and parts == {"loss_emotion": 0.0, "loss_si": 0.0}
+
+
+def test_length_buckets_respect_batch_size_and_token_budget():
+    from model.inference import length_buckets
+
+    lengths = [5, 60, 7, 6, 64, 8, 5, 9]
+    groups = length_buckets(lengths, max_batch=3, token_budget=100)
+    flat = sorted(i for g in groups for i in g)
+    assert flat == list(range(len(lengths)))  # every text exactly once
+    for g in groups:
+        assert len(g) <= 3 and len(g) * max(lengths[i] for i in g) <= 100
+        assert [lengths[i] for i in g] == sorted(lengths[i] for i in g)
+    # the two long texts do not pad the short ones
+    assert all(max(lengths[i] for i in g) <= 9 for g in groups if any(lengths[i] < 10 for i in g))
