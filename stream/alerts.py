@@ -104,8 +104,11 @@ _KIND_KEYS: dict[str, dict[str, tuple[bool, Any]]] = {
 _TOP_KEYS = ("labels", "rule")
 
 
-def default_rules_path():
-    """The shipped rules file (MELD labels), as an importlib.resources Traversable."""
+def default_rules_path(labels: Sequence[str] | None = None):
+    """The shipped rules file for a label set (MELD's by default; EmoryNLP's has its own),
+    as an importlib.resources Traversable."""
+    if labels is not None and "Mad" in labels:
+        return files("stream").joinpath("rules", "emorynlp.toml")
     return files("stream").joinpath("rules", "default.toml")
 
 
@@ -177,16 +180,16 @@ def _parse_rule(src: str, i: int, raw: Any, labels: tuple[str, ...] | None) -> R
     return Rule(**fields)
 
 
-def load_rules(path: str | Path | None = None) -> tuple[Rule, ...]:
-    """Rules from a TOML file (None = the shipped default for MELD labels).
+def load_rules(path: str | Path | None = None, labels: Sequence[str] | None = None) -> tuple[Rule, ...]:
+    """Rules from a TOML file (None = the shipped file for `labels`: MELD's by default).
 
     Raises ValueError naming the file and the offending key on anything it does not understand:
     unknown top-level keys, unknown rule keys or kinds, wrong types, duplicate names, emotions
     outside the file's optional `labels` list.
     """
     if path is None:
-        res = default_rules_path()
-        src, text = "stream/rules/default.toml", res.read_text(encoding="utf-8")
+        res = default_rules_path(labels)
+        src, text = f"stream/rules/{res.name}", res.read_text(encoding="utf-8")
     else:
         src = str(path)
         try:

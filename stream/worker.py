@@ -47,7 +47,7 @@ class BatchProcessor:
         self.scorer = scorer
         self.store = store
         self.publish = publish
-        rules = load_rules(settings.rules_path)
+        rules = load_rules(settings.rules_path, scorer.labels)
         check_labels(rules, scorer.labels)  # MELD rules with an EmoryNLP model fail here, at start-up
         self.cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, settings.echo_text, rules)
         self.lock = asyncio.Lock()  # the agent and the idle timer never interleave on a conversation

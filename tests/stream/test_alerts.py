@@ -363,3 +363,13 @@ def test_random_conversations(steps):
         assert 0.0 <= risk(state) <= 1.0
         assert MonitorState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     SUMMARY.validate(summarize(state, CID, "end", MODEL, now=1.0))
+
+
+def test_shipped_rules_exist_for_both_shipped_label_sets():
+    from model.data import EMORYNLP_LABELS, MELD_LABELS
+    from stream.alerts import check_labels, load_rules
+
+    for labels in (MELD_LABELS, EMORYNLP_LABELS):
+        rules = load_rules(None, labels)
+        check_labels(rules, labels)  # would raise on a label the model does not have
+        assert {r.kind for r in rules} == {"negative_streak", "escalation", "recovery"}
