@@ -189,9 +189,7 @@ def step(
     r-th input in round r), so order within a conversation is kept while the model still sees
     every conversation of the round at once.
     """
-    convs: dict[str, Conversation] = {}
-    for cid, c in conversations.items():
-        convs[cid] = c
+    convs: dict[str, Conversation | None] = dict(conversations)
     out = Outcome()
     queues: dict[str, list[int]] = {}
     for i, item in enumerate(inputs):
@@ -241,7 +239,8 @@ def step(
             conv = replace(conv, dialogue=dialogue, last_seq=item.seq, last_activity=now,
                            pending={**conv.pending, position: meta}, recent=recent)
             convs[cid] = _emit_scores(cfg, cid, conv, sc, now, item.seq, out)
-    return convs, out
+    # Conversations still without state (an `end` for an unknown one, say) have nothing to store.
+    return {cid: c for cid, c in convs.items() if c is not None}, out
 
 
 def _admit(conv: Conversation | None, item: Utterance) -> str | Rejected:

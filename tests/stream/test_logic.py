@@ -105,3 +105,8 @@ def test_text_is_echoed_only_when_configured(scorer):
     assert out.events[0]["text"] == "please call me back"
     _, out = run(scorer, {"c": None}, [item])
     assert "text" not in out.events[0]
+
+
+def test_end_for_an_unknown_conversation_is_a_no_op(scorer):
+    convs, out = run(scorer, {"ghost": None}, [End("ghost", None)])
+    assert convs == {} and not out.events and not out.summaries and not out.rejected
