@@ -64,7 +64,26 @@ class BatchProcessor:
         (state is written last, event ids are deterministic, redeliveries are recognised).
         """
         async with self.lock:
+            await self._isolating(messages)
+
+    async def _isolating(self, messages) -> None:
+        """A failure that is not transient (a bug, a message that trips one) must not stop the
+        worker or hold up the others: the batch is retried one message at a time, and a message
+        that fails alone goes to the DLQ with the error's type (never silently dropped)."""
+        try:
             await self._retrying(self._process, messages)
+        except Exception as exc:  # noqa: BLE001 - anything not transient
+            if len(messages) > 1:
+                log.error("batch of %d failed (%s); retrying one message at a time", len(messages), type(exc).__name__)
+                for m in messages:
+                    await self._isolating([m])
+                return
+            key, value, partition, offset = messages[0]
+            # The type only at error level: an exception's text could quote the message's content.
+            log.error("message at partition %s offset %s failed (%s); dead-lettered", partition, offset, type(exc).__name__)
+            log.debug("traceback of the dead-lettered failure", exc_info=True)
+            why = Rejected("internal_error", f"processing failed with {type(exc).__name__}; the message is kept for inspection")
+            await self._retrying(self._publish, Outcome(), [self._dlq_record(why, key, value, partition, offset, time.time())])
 
     async def _retrying(self, fn, *args):
         delay = 0.1
