@@ -74,9 +74,18 @@ def run_settings_cmd(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ValidationError as exc:  # a bad EMOTION_MONITOR_* value: name the variable
+        for err in exc.errors():
+            name = "EMOTION_MONITOR_" + "_".join(str(x) for x in err["loc"]).upper()
+            shown = "****" if "PASSWORD" in name else repr(err.get("input"))  # never echo a secret
+            print(f"emotion-monitor {args.command}: {name}={shown}: {err['msg']}", file=sys.stderr)
+        print("see `emotion-monitor settings` and README.md, 'Settings'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as exc:
