@@ -52,12 +52,12 @@ def encode_bucketed(model: EmotionSIModel, tokenizer, texts: Sequence[str], batc
     """
     dev = next(model.parameters()).device
     encode_fn = encode_fn or model.encode
-    # Lengths in tokens (the tokenizer is fast; this costs ~1% of encoding).
-    lengths = [len(x) for x in tokenizer(list(texts), truncation=True, max_length=model.cfg.max_tokens)["input_ids"]]
+    # Tokenise once, unpadded; each group is padded to its own longest member.
+    token_ids = tokenizer(list(texts), truncation=True, max_length=model.cfg.max_tokens)["input_ids"]
     out = None
-    for idx in length_buckets(lengths, batch_size, token_budget):
-        ids, mask = tokenize(tokenizer, [texts[j] for j in idx], model.cfg.max_tokens, dev)
-        vecs = encode_fn(ids, mask).float()
+    for idx in length_buckets([len(t) for t in token_ids], batch_size, token_budget):
+        enc = tokenizer.pad({"input_ids": [token_ids[j] for j in idx]}, padding=True, return_tensors="pt")
+        vecs = encode_fn(enc["input_ids"].to(dev), enc["attention_mask"].to(dev)).float()
         if out is None:
             out = vecs.new_empty(len(texts), vecs.shape[-1])
         out[torch.as_tensor(idx, device=dev)] = vecs
