@@ -41,5 +41,18 @@ class Metrics:
                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.model_info = Gauge("emotion_monitor_model_info", "the model being served", ["name", "version", "device"], registry=r)
 
+    def totals(self) -> dict[str, float]:
+        """Non-zero counter values, e.g. {"events_out{status=final}": 12.0}, for the periodic log line."""
+        out = {}
+        for family in self.registry.collect():
+            if family.type != "counter":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    name = sample.name.removeprefix("emotion_monitor_").removesuffix("_total")
+                    out[f"{name}{{{labels}}}" if labels else name] = sample.value
+        return dict(sorted(out.items()))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,7 +18,6 @@ import tempfile
 import json
 import logging
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,6 @@ class BatchProcessor:
         self.cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, settings.echo_text, rules)
         self.lock = asyncio.Lock()  # the agent and the idle timer never interleave on a conversation
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.counts: Counter[str] = Counter()
         self.metrics = Metrics()
         self.metrics.model_info.labels(*scorer.model_id.partition("@")[::2], str(scorer.device)).set(1)
 
@@ -91,7 +89,6 @@ class BatchProcessor:
             try:
                 return await fn(*args)
             except TRANSIENT as exc:
-                self.counts["retries"] += 1
                 self.metrics.retries.labels(type(exc).__name__).inc()
                 log.warning("transient %s (%s); retrying in %.1f s", type(exc).__name__, _short(exc), delay)
                 await asyncio.sleep(delay)
@@ -110,7 +107,6 @@ class BatchProcessor:
             else:
                 inputs.append(parsed)
                 origin.append((key, value, partition, offset))
-        self.counts["in"] += len(messages)
         self.metrics.utterances_in.inc(len(messages))
         self.metrics.batch_size.observe(len(messages))
         partitions = {item.conversation_id: origin[i][2] for i, item in enumerate(inputs)}
@@ -127,7 +123,6 @@ class BatchProcessor:
             for i, why in outcome.rejected:
                 key, value, partition, offset = origin[i]
                 dlq.append(self._dlq_record(why, key, value, partition, offset, now))
-            self.counts["duplicates"] += len(outcome.duplicates)
             self.metrics.duplicates.inc(len(outcome.duplicates))
         t3 = time.time()
         await self._publish(outcome, dlq)
@@ -168,7 +163,6 @@ class BatchProcessor:
         await self._publish(outcome, [])
         await self.store.save(done, {c: partition for c in done})
         await self.store.forget_idle(partition, [c for c in cids if c not in done])
-        self.counts["idle_finalized"] += len(done)
         self.metrics.idle_finalized.inc(len(done))
         return len(done)
 
@@ -188,10 +182,8 @@ class BatchProcessor:
         for m in outcome.summaries:
             self.metrics.summaries.labels(m["ended_by"]).inc()
         for ev in outcome.events:
-            self.counts[f"events_{ev['status']}"] += 1
             self.metrics.events_out.labels(ev["status"]).inc()
         for rec in dlq:
-            self.counts[f"dlq_{rec['error']}"] += 1
             self.metrics.dlq.labels(rec["error"]).inc()
             # The reason only: the bytes may hold transcript text.
             log.warning("dead-lettered a message from partition %s offset %s: %s", rec["partition"], rec["offset"], rec["reason"])
@@ -319,8 +311,9 @@ def build_app(settings: Settings, scorer):
 
     @app.timer(interval=30.0)
     async def report() -> None:
-        if processor.counts:
-            log.info("counts: %s", dict(sorted(processor.counts.items())))
+        totals = processor.metrics.totals()
+        if totals:
+            log.info("counts: %s", totals)
 
     return app
 
