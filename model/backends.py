@@ -6,7 +6,7 @@ GRUs and heads stay eager (tiny, and their shapes vary with the number of conver
 | backend  | where          | what |
 |----------|----------------|------|
 | eager    | CPU or CUDA    | plain PyTorch (float32; CUDA: float16 autocast) |
-| compile  | CPU or CUDA    | torch.compile with dynamic shapes; on CUDA with CUDA graphs (mode "reduce-overhead") |
+| compile  | CPU or CUDA    | torch.compile with dynamic shapes; on CUDA float16 with CUDA graphs (mode "reduce-overhead") |
 | tensorrt | CUDA + extra   | torch-tensorrt, dynamic batch and sequence, float16 (`pip install 'emotion-monitor[tensorrt]'`) |
 | auto     | anywhere       | tensorrt if installed and on CUDA, else compile on CUDA, else eager |
 """
@@ -64,9 +64,18 @@ def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device) 
             return chosen, eager_fp16
         return chosen, encoder
     if chosen == "compile":
-        # CUDA graphs ("reduce-overhead") remove the per-kernel launch cost that dominates small batches.
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        return chosen, torch.compile(encoder, dynamic=True, mode=mode)
+        if device.type != "cuda":
+            return chosen, torch.compile(encoder, dynamic=True)
+
+        # float16 like eager on CUDA, and CUDA graphs ("reduce-overhead") to remove the per-kernel
+        # launch cost that dominates small batches. `.float()` copies the output out of the graph's
+        # static buffer, which the next call overwrites.
+        def fp16(ids, mask):
+            with torch.autocast("cuda", dtype=torch.float16):
+                return encoder(ids, mask)
+
+        compiled = torch.compile(fp16, dynamic=True, mode="reduce-overhead")
+        return chosen, lambda ids, mask: compiled(ids, mask).float()
     trt = compile_tensorrt(encoder, device)
     return chosen, lambda ids, mask: trt(ids, mask).float()
 

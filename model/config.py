@@ -99,6 +99,10 @@ class TrainConfig:
     truncation_probs: tuple[float, ...] = (0.35, 0.15, 0.3, 0.2)  # l=0, 1, 2(=L), full
     label_smoothing: float = 0.0
     class_weighting: bool = False
+    # Exponential moving average of the trainable weights, evaluated and shipped instead of the
+    # raw weights (0 = off). It averages out the last steps' noise, which is what makes one seed
+    # land a point above or below another on MELD dev.
+    ema_decay: float = 0.0
     max_train_dialogues: int | None = None  # for smoke runs
     max_si_scenes: int | None = None
     # ModelConfig fields set by the recipe ([model] table); labels come from the data.

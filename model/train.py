@@ -8,6 +8,7 @@ weights serve provisional, final and offline scoring.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -83,6 +84,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
         )
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.class_weights = None
         if cfg.class_weighting:
             counts = np.bincount([self.label_index[u.emotion.lower()] for d in self.train_set for u in d.utterances], minlength=len(labels))
@@ -138,6 +140,8 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         return {"loss": loss.item(), **parts}
 
     def _si_batches(self, emo_batches: list[list[D.Dialogue]]) -> list[list[D.Dialogue]]:
@@ -177,7 +181,13 @@ class Trainer:
                     stats = self.train_step(eb, sb)
                     losses.append(stats)
                     progress.update(task, advance=1, info=f"loss {np.mean([s['loss'] for s in losses[-50:]]):.3f}")
-                metrics = self.evaluate()
+                if self.ema is not None:
+                    with self.ema.swapped_in():
+                        metrics = self.evaluate()
+                        candidate = stored_state(self.model)
+                else:
+                    metrics = self.evaluate()
+                    candidate = None
                 record = {
                     "epoch": epoch,
                     "seconds": round(time.time() - t0, 1),
@@ -194,7 +204,7 @@ class Trainer:
                     f"final {metrics['weighted_f1_final']:.2f} provisional {metrics['weighted_f1_provisional']:.2f}"
                 )
                 if score > best:
-                    best, best_state = score, copy.deepcopy(stored_state(self.model))
+                    best, best_state = score, copy.deepcopy(candidate if candidate is not None else stored_state(self.model))
                     self.best_epoch = epoch
         if best_state is not None:
             self.model.load_state_dict(best_state, strict=False)
@@ -235,6 +245,38 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if not self.quiet:
             print(msg, flush=True)
+
+
+class WeightEMA:
+    """Shadow copy of the trainable parameters, s <- d*s + (1-d)*p after every optimizer step.
+
+    The decay ramps up as (1+t)/(10+t) so early steps are not dominated by the initial weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The averaged weights in the model for the duration (evaluation, saving), then the raw ones back."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
