@@ -208,7 +208,7 @@ class EmotionSIModel(nn.Module):
         fwd_win: torch.Tensor,  # (M, W, branches, H) carried forward states
         win_mask: torch.Tensor,  # (M, W) True at real positions
         target_pos: torch.Tensor,  # (N,) column of each target utterance
-        rows: torch.Tensor | None = None,  # (N,) window of each target; None = target n in window n
+        rows: torch.Tensor | None = None,  # (N,) window of each target, non-decreasing; None = target n in window n
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Emotion logits (N, E) and SI logits (N, S).
 
@@ -233,10 +233,15 @@ class EmotionSIModel(nn.Module):
         s_t = si_seq[rows, target_pos]  # (N, si_dim)
         feats = e_t
         if self.cfg.cross_attention:
-            q = self.query(e_t).unsqueeze(1)  # (N, 1, A)
-            keys = si_seq[rows]  # (N, W, si_dim)
-            a, _ = self.attn(q, keys, keys, key_padding_mask=~win_mask[rows], need_weights=False)  # (N, 1, A)
-            feats = torch.cat([e_t, a.squeeze(1)], dim=-1)
+            # Targets that share a window become several queries of one attention call, so the
+            # window's keys and values are projected once, not once per target.
+            M, N = u_win.shape[0], rows.shape[0]
+            counts = torch.bincount(rows, minlength=M)
+            slot = torch.arange(N, device=rows.device) - (counts.cumsum(0) - counts)[rows]  # rows come grouped
+            q = u_win.new_zeros(M, int(counts.max()), self.attn.embed_dim)
+            q[rows, slot] = self.query(e_t)
+            a, _ = self.attn(q, si_seq, si_seq, key_padding_mask=~win_mask, need_weights=False)  # (M, Q, A)
+            feats = torch.cat([e_t, a[rows, slot]], dim=-1)
         return self.emotion_head(feats), self.si_head(s_t)
 
     def score_dialogues(

@@ -87,7 +87,10 @@ def step(
     cfg = model.cfg
     dev = next(model.parameters()).device
     L, W = cfg.lookahead, cfg.window
-    u_new = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=dev)  # (B, D)
+    if isinstance(vectors, torch.Tensor):  # already on a device (GPU check, notebooks)
+        u_new = vectors.to(dev, torch.float32)
+    else:
+        u_new = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=dev)  # (B, D)
     B, D = u_new.shape
 
     parties, new_party = [], []

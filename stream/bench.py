@@ -69,18 +69,21 @@ def encoder_rate(scorer, seconds: float, batch: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def step_cost_ratio(scorer, repeats: int = 40) -> tuple[float, float]:
-    """Median ms per utterance at positions 5 and 200 (state bytes in, step, events, state bytes out)."""
+def step_cost_ratio(scorer, rules_path: str | None = None, repeats: int = 40) -> tuple[float, float]:
+    """Median ms per utterance at positions 5 and 200 (state bytes in, step, events, alert rules,
+    state bytes out): the worker's per-utterance path without the encoder."""
+    from stream.alerts import load_rules
     from stream.logic import Conversation, StepConfig, step
     from stream.validate import Utterance
 
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, False, load_rules(rules_path, scorer.labels))
+    roles = ("customer", "agent")
     dim = scorer.model.encoder.dim
     rng = np.random.default_rng(0)
     conv: Conversation | None = None
     snapshots: dict[int, bytes] = {}
     for seq in range(201):
-        item = Utterance("ratio", seq, f"s{seq % 2}", None, "x", None, f"d{seq}")
+        item = Utterance("ratio", seq, f"s{seq % 2}", roles[seq % 2], "x", None, f"d{seq}")
         convs, _ = step(cfg, scorer.step, {"ratio": conv}, [item], rng.standard_normal((1, dim)).astype(np.float32), 0.0)
         conv = convs["ratio"]
         if seq + 1 in (5, 200):
@@ -92,7 +95,7 @@ def step_cost_ratio(scorer, repeats: int = 40) -> tuple[float, float]:
         for r in range(repeats):
             t0 = time.perf_counter()
             state = Conversation.from_bytes(blob)
-            convs, _ = step(cfg, scorer.step, {"ratio": state}, [Utterance("ratio", pos, "s0", None, "x", None, "dx")], vec, 0.0)
+            convs, _ = step(cfg, scorer.step, {"ratio": state}, [Utterance("ratio", pos, f"s{pos % 2}", roles[pos % 2], "x", None, "dx")], vec, 0.0)
             convs["ratio"].to_bytes()
             times.append((time.perf_counter() - t0) * 1000)
         costs[pos] = statistics.median(times)
@@ -228,7 +231,7 @@ async def _bench(args) -> int:
     progress(f"encoder in batches of {settings.max_batch} for {phase:.0f} s")
     enc = encoder_rate(scorer, phase, settings.max_batch)
     progress(f"encoder: {enc:.0f} utt/s; per-utterance cost at positions 5 and 200")
-    short_ms, long_ms = step_cost_ratio(scorer)
+    short_ms, long_ms = step_cost_ratio(scorer, settings.rules_path)
     workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-bench-"))
     topics = {settings.utterances_topic: settings.partitions, settings.emotions_topic: settings.partitions, settings.dlq_topic: 1}
     with local_stack(topics, workdir=workdir) as stack:

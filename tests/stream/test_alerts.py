@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream.alerts import (
+    Final,
+    Trajectory,
     MAX_TRAJECTORY,
     MonitorState,
     check_labels,
@@ -373,3 +375,24 @@ def test_shipped_rules_exist_for_both_shipped_label_sets():
         rules = load_rules(None, labels)
         check_labels(rules, labels)  # would raise on a label the model does not have
         assert {r.kind for r in rules} == {"negative_streak", "escalation", "recovery"}
+
+
+def test_version_1_state_with_a_list_trajectory_still_loads(rules):
+    state, _ = run(rules, dialogue(["neutral", "anger", "joy"]))
+    d = state.to_dict()
+    finals = [f.to_dict() for f in state.trajectory.finals()]
+    old = {**d, "v": 1, "trajectory": finals}  # what a worker of the previous release stored
+    restored = MonitorState.from_dict(json.loads(json.dumps(old)))
+    assert restored.trajectory.finals() == state.trajectory.finals() and restored == state
+
+
+def test_trajectory_packs_many_speakers_and_keeps_the_last_finals():
+    # one-off speakers must not grow the packed tables past the cap
+    t = Trajectory()
+    for i in range(3 * MAX_TRAJECTORY):
+        t = t.append(Final(i, None, f"speaker-{i}", ("anger", "joy", "neutral")[i % 3], 0.12345))
+    finals = t.finals()
+    assert len(t) == MAX_TRAJECTORY and [f.seq for f in finals] == list(range(2 * MAX_TRAJECTORY, 3 * MAX_TRAJECTORY))
+    assert finals[-1] == Final(3 * MAX_TRAJECTORY - 1, None, f"speaker-{3 * MAX_TRAJECTORY - 1}", "neutral", 0.12345)
+    assert len(t.people) <= 2 * MAX_TRAJECTORY
+    assert Trajectory.from_dict(json.loads(json.dumps(t.to_dict()))) == t
