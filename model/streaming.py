@@ -102,42 +102,41 @@ def step(
 
     # 1. carried forward state -> forward states of the new utterances (B, branches, H)
     if model.context is not None:
-        h0 = torch.stack(
-            [
-                torch.as_tensor(s.fwd[-1], device=dev) if s.fwd is not None else torch.zeros(cfg.branches, cfg.hidden, device=dev)
-                for s in states
-            ]
-        )  # (B, br, H)
+        # Assembled on the host and moved in one copy (one per conversation costs a GPU dearly).
+        zeros = np.zeros((cfg.branches, cfg.hidden), dtype=np.float32)
+        h0 = torch.from_numpy(np.stack([s.fwd[-1] if s.fwd is not None else zeros for s in states])).to(dev)  # (B, br, H)
         f_new = model.forward_states(u_new.unsqueeze(1), party_new.unsqueeze(1), h0)[:, 0]  # (B, br, H)
     else:
         f_new = u_new.new_zeros(B, 1, 1)
 
     # 2. windows: the last <= W utterances ending at the new one, left-padded to a common width
     new_states, lens = [], []
+    u_host, f_host = u_new.cpu().numpy(), f_new.cpu().numpy()  # one device->host copy each
     for i, s in enumerate(states):
         def tail(old, new):
             both = new if old is None else np.concatenate([old, new])
             return both[-W:]
 
-        vec = tail(s.vectors, u_new[i : i + 1].cpu().numpy())
+        vec = tail(s.vectors, u_host[i : i + 1])
         pid = tail(s.party_ids, np.array([new_party[i]], dtype=np.int64))
-        fwd = tail(s.fwd, f_new[i : i + 1].cpu().numpy())
+        fwd = tail(s.fwd, f_host[i : i + 1])
         new_states.append(replace(s, seen=s.seen + 1, parties=parties[i], vectors=vec, party_ids=pid, fwd=fwd))
         lens.append(len(vec))
     # Always the full window width: the same shapes whatever the position (constant cost per
     # utterance, one compiled graph for torch.compile); left padding is masked out.
     width = W
     n_targets = [min(L + 1, k) for k in lens]
-    u_win = torch.zeros(B, width, D, device=dev)
-    p_win = torch.zeros(B, width, dtype=torch.long, device=dev)
-    f_win = torch.zeros(B, width, *f_new.shape[1:], device=dev)
-    mask = torch.zeros(B, width, dtype=torch.bool, device=dev)
+    u_win = np.zeros((B, width, D), dtype=np.float32)
+    p_win = np.zeros((B, width), dtype=np.int64)
+    f_win = np.zeros((B, width, *f_host.shape[1:]), dtype=np.float32)
+    mask = np.zeros((B, width), dtype=bool)
     for i, s in enumerate(new_states):
         k = lens[i]
-        u_win[i, width - k :] = torch.from_numpy(s.vectors)
-        p_win[i, width - k :] = torch.from_numpy(s.party_ids)
-        f_win[i, width - k :] = torch.from_numpy(s.fwd)
+        u_win[i, width - k :] = s.vectors
+        p_win[i, width - k :] = s.party_ids
+        f_win[i, width - k :] = s.fwd
         mask[i, width - k :] = True
+    u_win, p_win, f_win, mask = (torch.from_numpy(a).to(dev) for a in (u_win, p_win, f_win, mask))
 
     # 3. score every target in [T - L, T] of every conversation in one call
     rows = torch.tensor([i for i in range(B) for _ in range(n_targets[i])], device=dev)
