@@ -31,10 +31,11 @@ def test_load_refuses_a_folder_without_an_artifact(tmp_path):
         load_artifact(tmp_path)
 
 
-def test_train_then_evaluate_cli_on_tiny_data(data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("extra", ["", "ema_decay = 0.9\n"], ids=["raw-weights", "ema"])
+def test_train_then_evaluate_cli_on_tiny_data(data_dir, tmp_path, capsys, extra):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(
-        'dataset = "meld"\nepochs = 2\nbatch_dialogues = 2\nsi_chunk = 4\n'
+        'dataset = "meld"\nepochs = 2\nbatch_dialogues = 2\nsi_chunk = 4\n' + extra +
         "[model]\nhidden = 32\nattn_heads = 2\nwindow = 4\ntiny_encoder = { hidden = 32, layers = 2, heads = 2, intermediate = 64 }\n"
     )
     out = tmp_path / "art"

@@ -143,3 +143,24 @@ def test_length_buckets_respect_batch_size_and_token_budget():
         assert [lengths[i] for i in g] == sorted(lengths[i] for i in g)
     # the two long texts do not pad the short ones
     assert all(max(lengths[i] for i in g) <= 9 for g in groups if any(lengths[i] < 10 for i in g))
+
+
+def test_weight_ema_averages_and_swaps_back():
+    """EMA shadow = lerp towards the weights after each step; swapped in for evaluation, then the
+    raw weights come back untouched. Frozen parameters are not tracked."""
+    from model.train import WeightEMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    net[1].weight.requires_grad_(False)
+    ema = WeightEMA(net, decay=0.5)
+    start = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema.update()  # step 1: decay min(0.5, 2/11) = 2/11
+    d = 2 / 11
+    expected = d * start + (1 - d) * (start + 1.0)
+    raw = net[0].weight.detach().clone()
+    with ema.swapped_in():
+        assert torch.allclose(net[0].weight, expected)
+    assert torch.equal(net[0].weight, raw)
+    assert len(ema.shadow) == 3  # weight + bias of the first layer, bias of the second
