@@ -110,3 +110,29 @@ def test_text_is_echoed_only_when_configured(scorer):
 def test_end_for_an_unknown_conversation_is_a_no_op(scorer):
     convs, out = run(scorer, {"ghost": None}, [End("ghost", None)])
     assert convs == {} and not out.events and not out.summaries and not out.rejected
+
+
+def test_state_size_stops_growing_once_the_caps_are_reached(scorer, monkeypatch):
+    """Per-utterance cost must not grow with the conversation: the stored state (read and written
+    with every utterance) is the same size at position 700 as at 1,200, alert rules on. (The alert
+    list is capped at 10 here instead of 100 so that this cap, too, is reached by position 700.)"""
+    from stream import alerts
+    from stream.alerts import MAX_TRAJECTORY, load_rules
+
+    monkeypatch.setattr(alerts, "MAX_ALERTS", 10)
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, False, load_rules(None, scorer.labels))
+    rng = np.random.default_rng(0)
+    conv, sizes = None, {}
+    for seq in range(1200):
+        item = utt("long", seq, text="x", role=("customer", "agent")[seq % 2])
+        new, _ = step(cfg, scorer.step, {"long": conv}, [item], rng.standard_normal((1, 32)).astype(np.float32), 1000.0 + seq)
+        conv = Conversation.from_bytes(new["long"].to_bytes())
+        if seq + 1 in (700, 1200):
+            sizes[seq + 1] = len(new["long"].to_bytes())
+    assert len(conv.monitor.trajectory) == MAX_TRAJECTORY and conv.monitor.trajectory_truncated
+    assert len(conv.monitor.alerts) == 10 and conv.monitor.alerts_truncated
+    assert abs(sizes[1200] - sizes[700]) <= 0.02 * sizes[700], sizes
+    # packed: ~22 bytes of JSON per final (a list of objects took ~80)
+    import json
+
+    assert len(json.dumps(conv.monitor.trajectory.to_dict())) < 30 * MAX_TRAJECTORY
