@@ -61,8 +61,6 @@ class Settings(BaseSettings):
     # ---- batching (one encoder call per batch) ----------------------------------------
     max_batch: int = Field(64, ge=1, description="utterances per micro-batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill up")
-    pipeline_depth: int = Field(2, ge=1, le=8, description="batches in flight: the next one is computed while the last one's "
-                                "events are acked and its state written (1 = one batch at a time)")
     max_batch_tokens: int = Field(4096, ge=64, description="padded tokens per encoder call at most (length-sorted groups)")
     # ---- input limits and privacy -----------------------------------------------------
     max_text_chars: int = Field(4000, ge=1, description="longer texts go to the DLQ")

@@ -6,12 +6,7 @@ Per micro-batch (DESIGN.md, "Data flow"):
   3. encode the new utterances (one encoder call) and step every conversation (`stream.logic.step`);
   4. publish the events and DLQ records and wait for the broker's acks;
   5. write the states back (one MULTI/EXEC) -- only after the events are acked, so a crash
-     in between leads to a redelivery that re-emits the same event ids, never to a lost event;
-  6. ack the messages to faust, so their offsets can be committed -- only after step 5.
-Steps 4-6 of a batch run in the background while the next batch goes through 1-3 (up to
-`pipeline_depth` batches in flight): the next batch does not wait for the broker and Redis.
-It sees the states of the batches still in flight (kept in memory until written), and the
-background steps run strictly in batch order.
+     in between leads to a redelivery that re-emits the same event ids, never to a lost event.
 The idle timer finalises conversations of this worker's partitions that went quiet.
 """
 
@@ -23,10 +18,7 @@ import tempfile
 import json
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +32,6 @@ from stream.state_store import StateStore
 from stream.validate import End, Rejected, Utterance, parse_message
 
 log = logging.getLogger("emotion_monitor.worker")
-
-
-@dataclass
-class Pending:
-    """A computed batch whose records are queued; what is left: the acks, the state write."""
-
-    outcome: Outcome
-    dlq: list[dict[str, Any]]
-    convs: dict[str, Conversation]
-    partitions: dict[str, int]
-    acks: list | None  # the broker's ack futures; None = queue the records (again)
-    queued_at: float = 0.0
 
 
 class BatchProcessor:
@@ -71,99 +51,37 @@ class BatchProcessor:
         self.cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, settings.echo_text, rules)
         self.lock = asyncio.Lock()  # the agent and the idle timer never interleave on a conversation
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.depth = settings.pipeline_depth
-        self.tails: deque[asyncio.Task] = deque()  # background acks + state writes, oldest first
-        self.inflight: dict[str, Conversation] = {}  # states computed but not yet in Redis
         self.metrics = Metrics()
         self.metrics.model_info.labels(*scorer.model_id.partition("@")[::2], str(scorer.device)).set(1)
 
     async def process(self, messages: list[tuple[bytes | None, bytes | None, int, int]]) -> None:
-        """messages: (key, value, partition, offset) in consumption order. On return the batch is
-        done: its records acknowledged by the broker, its states written."""
-        await self.submit(messages)
-        await self.drain()
-
-    async def submit(self, messages: list[tuple[bytes | None, bytes | None, int, int]],
-                     on_done: Callable[[], None] | None = None) -> None:
-        """Compute a batch and queue its records, in order; the broker's acks and the state write
-        go on in the background, then `on_done()`. Returns once fewer than `pipeline_depth`
-        batches are unfinished. A background failure is raised here (or by `drain`).
+        """messages: (key, value, partition, offset) in consumption order.
 
         Redis or broker trouble (a restart, a network blip) is retried with backoff until it
         passes: a batch is never dropped. Retrying is safe because the whole batch is idempotent
         (state is written last, event ids are deterministic, redeliveries are recognised).
         """
-        self._reap()
         async with self.lock:
-            pendings = await self._isolating(messages)
-        prev = self.tails[-1] if self.tails else None
-        self.tails.append(asyncio.create_task(self._finish(prev, pendings, on_done)))
-        while len(self.tails) >= self.depth:
-            await asyncio.wait({self.tails[0]})
-            self._reap()
+            await self._isolating(messages)
 
-    async def drain(self) -> None:
-        """Wait for every batch in flight (raises the first background failure)."""
-        while self.tails:
-            await asyncio.wait({self.tails[0]})
-            self._reap()
-
-    def _reap(self) -> None:
-        while self.tails and self.tails[0].done():
-            task = self.tails.popleft()
-            if not task.cancelled() and task.exception() is not None:
-                # The batches after it were chained to it and fail too; states not written are
-                # not to be trusted: the messages are redelivered and start again from Redis.
-                for later in self.tails:
-                    later.cancel()
-                self.tails.clear()
-                self.inflight.clear()
-                raise task.exception()  # in the caller (the agent), which crashes as before
-
-    async def _finish(self, prev: asyncio.Task | None, pendings: list[Pending], on_done) -> None:
-        if prev is not None:
-            await prev  # strictly in batch order; a failed batch fails the ones after it
-        for p in pendings:
-            await self._retrying(self._complete, p)
-        if on_done is not None:
-            on_done()
-
-    async def _complete(self, p: Pending) -> None:
-        stage = self.metrics.stage
-        if p.acks is None:  # an ack failed: queue the same records again (same event ids)
-            p.queued_at, p.acks = time.time(), await self._queue(p.outcome, p.dlq)
-        try:
-            if p.acks:
-                await asyncio.gather(*p.acks)
-        except TRANSIENT:
-            p.acks = None
-            raise
-        t = time.time()
-        stage.labels("produce").observe(t - p.queued_at)
-        self._count(p.outcome, p.dlq)
-        await self.store.save(p.convs, p.partitions)
-        stage.labels("redis_write").observe(time.time() - t)
-        for cid, conv in p.convs.items():
-            if self.inflight.get(cid) is conv:  # not overtaken by a later batch
-                del self.inflight[cid]
-
-    async def _isolating(self, messages) -> list[Pending]:
+    async def _isolating(self, messages) -> None:
         """A failure that is not transient (a bug, a message that trips one) must not stop the
         worker or hold up the others: the batch is retried one message at a time, and a message
         that fails alone goes to the DLQ with the error's type (never silently dropped)."""
         try:
-            return [await self._retrying(self._process, messages)]
+            await self._retrying(self._process, messages)
         except Exception as exc:  # noqa: BLE001 - anything not transient
             if len(messages) > 1:
                 log.error("batch of %d failed (%s); retrying one message at a time", len(messages), type(exc).__name__)
-                return [p for m in messages for p in await self._isolating([m])]
+                for m in messages:
+                    await self._isolating([m])
+                return
             key, value, partition, offset = messages[0]
             # The type only at error level: an exception's text could quote the message's content.
             log.error("message at partition %s offset %s failed (%s); dead-lettered", partition, offset, type(exc).__name__)
             log.debug("traceback of the dead-lettered failure", exc_info=True)
             why = Rejected("internal_error", f"processing failed with {type(exc).__name__}; the message is kept for inspection")
-            dlq = [self._dlq_record(why, key, value, partition, offset, time.time())]
-            return [Pending(Outcome(), dlq, {}, {}, None)]
+            await self._retrying(self._publish, Outcome(), [self._dlq_record(why, key, value, partition, offset, time.time())])
 
     async def _retrying(self, fn, *args):
         delay = 0.1
@@ -176,7 +94,7 @@ class BatchProcessor:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _process(self, messages) -> Pending:
+    async def _process(self, messages) -> None:
         stage = self.metrics.stage
         now = t0 = time.time()
         inputs: list[Utterance | End] = []
@@ -198,8 +116,6 @@ class BatchProcessor:
         stage.labels("decode").observe(t1 - t0)
         if inputs:
             convs = await self.store.load(partitions)
-            # Batches still in flight hold newer states than Redis for their conversations.
-            convs.update({c: self.inflight[c] for c in convs if c in self.inflight})
             t2 = time.time()
             stage.labels("redis_read").observe(t2 - t1)
             loop = asyncio.get_running_loop()
@@ -209,9 +125,11 @@ class BatchProcessor:
                 dlq.append(self._dlq_record(why, key, value, partition, offset, now))
             self.metrics.duplicates.inc(len(outcome.duplicates))
         t3 = time.time()
-        acks = await self._queue(outcome, dlq)
-        self.inflight.update(new_convs)
-        return Pending(outcome, dlq, new_convs, partitions, acks, t3)
+        await self._publish(outcome, dlq)
+        t4 = time.time()
+        stage.labels("produce").observe(t4 - t3)
+        await self.store.save(new_convs, partitions)
+        stage.labels("redis_write").observe(time.time() - t4)
 
     def _compute(self, convs, inputs, now):
         t0 = time.time()
@@ -229,7 +147,6 @@ class BatchProcessor:
     async def finalize_idle(self, partition: int) -> int:
         """Finalise conversations of `partition` idle for longer than idle_finalize_s."""
         async with self.lock:
-            await self.drain()  # it reads states from Redis: let the batches in flight land first
             return await self._retrying(self._finalize_idle, partition)
 
     async def _finalize_idle(self, partition: int) -> int:
@@ -250,23 +167,16 @@ class BatchProcessor:
         return len(done)
 
     async def _publish(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
-        """Queue every record in order, wait for all the broker's acks together, count them."""
-        acks = await self._queue(outcome, dlq)
-        if acks:
-            await asyncio.gather(*acks)
-        self._count(outcome, dlq)
-
-    async def _queue(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> list:
-        """Queue every record in order (per-key order on the topics = order of the events);
-        returns the broker's ack futures."""
+        """Queue every record in order (per-key order on the topics = order of the events), then
+        wait for all the broker's acks together."""
         s = self.s
         records = [(s.emotions_topic, ev["conversation_id"].encode(), ev) for ev in outcome.events]
         records += [(s.alerts_topic, a["conversation_id"].encode(), a) for a in outcome.alerts]
         records += [(s.summaries_topic, m["conversation_id"].encode(), m) for m in outcome.summaries]
         records += [(s.dlq_topic, None, rec) for rec in dlq]
-        return [await self.publish(topic, key, _dumps(value)) for topic, key, value in records]
-
-    def _count(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
+        acks = [await self.publish(topic, key, _dumps(value)) for topic, key, value in records]
+        if acks:
+            await asyncio.gather(*acks)
         for a in outcome.alerts:
             self.metrics.alerts.labels(a["severity"], a["kind"]).inc()
         for m in outcome.summaries:
@@ -362,18 +272,8 @@ def build_app(settings: Settings, scorer):
     async def monitor(stream):
         async for batch in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000.0):
             msgs = [(e.message.key, e.message.value, e.message.partition, e.message.offset) for e in batch]
-            # faust acks a batch when the loop asks for the next one, but its state may still be
-            # on its way to Redis: one extra reference per message holds the offsets back until
-            # the processor's background step has written the state and acks them.
-            for e in batch:
-                e.message.incref()
-
-            def done(events=batch) -> None:
-                for e in events:
-                    e.ack()
-
             try:
-                await processor.submit(msgs, done)
+                await processor.process(msgs)
             except Exception:
                 # Redis or broker trouble: log without payloads and let faust crash the agent,
                 # so the batch is redelivered (offsets are not committed past it).
