@@ -51,7 +51,7 @@ def encode_bucketed(model: EmotionSIModel, tokenizer, texts: Sequence[str], batc
     (most utterances are short, a few long); sorted groups keep padding small.
     """
     dev = next(model.parameters()).device
-    encode_fn = encode_fn or model.encode
+    encode_fn = encode_fn if encode_fn is not None else model.encode  # a compiled module has no truth value
     # Tokenise once, unpadded; each group is padded to its own longest member.
     token_ids = tokenizer(list(texts), truncation=True, max_length=model.cfg.max_tokens)["input_ids"]
     out = None

@@ -82,3 +82,18 @@ def test_streaming_step_on_cuda_equals_cpu():  # pragma: no cover - GPU only
         for a, b in zip(out_cpu, out_gpu):
             assert [x.position for x in a] == [x.position for x in b]
             assert max(float(abs(x.probs - y.probs).max()) for x, y in zip(a, b)) < 1e-4
+
+
+def test_scorer_with_the_compile_backend_encodes_like_eager_on_cpu(tmp_path):
+    """The worker's path (Scorer.encode) with EMOTION_MONITOR_BACKEND=compile: a compiled module
+    has no truth value, which once made `encode_fn or model.encode` raise."""
+    from model.artifact import save_artifact
+    from model.runtime import Scorer
+
+    torch.manual_seed(0)
+    path = save_artifact(EmotionSIModel(tiny_config()).eval(), tmp_path / "art", name="tiny", version="1")
+    texts = ["hello there", "a somewhat longer example sentence", "hm"]
+    eager = Scorer(path, "cpu", backend="eager").encode(texts)
+    compiled = Scorer(path, "cpu", backend="compile")
+    assert compiled.backend == "compile"
+    assert abs(compiled.encode(texts) - eager).max() < 1e-4
