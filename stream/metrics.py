@@ -13,11 +13,15 @@
 | emotion_monitor_batch_size | histogram | | messages per micro-batch |
 | emotion_monitor_stage_seconds | histogram | stage | decode, redis_read, encode, step, produce, redis_write |
 | emotion_monitor_model_info | gauge (1) | name, version, device | the model being served |
+| python_gc_collections_total, python_gc_objects_collected_total | counter | generation | the cyclic GC (full collections are generation 2) |
+| process_resident_memory_bytes, process_cpu_seconds_total, ... | gauge, counter | | the worker process (Linux) |
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
 
 STAGES = ("decode", "redis_read", "encode", "step", "produce", "redis_write")
 
@@ -40,6 +44,9 @@ class Metrics:
         self.stage = Histogram("emotion_monitor_stage_seconds", "time per batch stage", ["stage"],
                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.model_info = Gauge("emotion_monitor_model_info", "the model being served", ["name", "version", "device"], registry=r)
+        # The standard process and GC families (memory, CPU, full collections) that dashboards expect.
+        GCCollector(registry=r)
+        ProcessCollector(registry=r)
 
     def totals(self) -> dict[str, float]:
         """Non-zero counter values, e.g. {"events_out{status=final}": 12.0}, for the periodic log line."""
@@ -48,7 +55,7 @@ class Metrics:
             if family.type != "counter":
                 continue
             for sample in family.samples:
-                if sample.name.endswith("_total") and sample.value:
+                if sample.name.startswith("emotion_monitor_") and sample.name.endswith("_total") and sample.value:
                     labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                     name = sample.name.removeprefix("emotion_monitor_").removesuffix("_total")
                     out[f"{name}{{{labels}}}" if labels else name] = sample.value

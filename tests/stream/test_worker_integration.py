@@ -209,6 +209,7 @@ def test_metrics_and_health_endpoints(stack, worker):
     assert values["emotion_monitor_duplicates_total"] >= 1
     assert values['emotion_monitor_model_info{device="cpu",name="tiny",version="0.0.1"}'] == 1
     assert any(k.startswith('emotion_monitor_stage_seconds_count{stage="encode"}') for k in values)
+    assert values['python_gc_collections_total{generation="0"}'] > 0 and values["process_resident_memory_bytes"] > 1e8
 
 
 def test_fuzzed_garbage_all_lands_in_the_dlq(stack, worker):
