@@ -5,8 +5,9 @@ Figures (same utterances, same model, same machine, one run, since this machine 
   pipeline_utt_per_s       sustained through the broker, the worker and Redis (utterances -> provisional events)
   naive_utt_per_s          a naive consumer scoring each message alone (same encoder, batch of 1, no context)
   latency_p50_ms / p99     produce -> provisional event seen by a consumer, at half the sustained rate
-  step_ms_ratio_long_short per-utterance cost (state load + step + events + state save, encoder excluded)
-                           at position 200 of a conversation over position 5
+  step_ms_ratio_long_short per-utterance cost (state load + step + events + alert rules + state save,
+                           encoder excluded) at position 200 of a conversation over position 5,
+                           the two positions timed alternately
 """
 
 from __future__ import annotations

@@ -233,17 +233,18 @@ def start_broker(workdir: Path | str, port: int | None = None) -> tuple[subproce
     raise RuntimeError(f"Tansu exited {PORT_ATTEMPTS} times at start (ports in use?); log: {log}\n{_tail(log)}")
 
 
-async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
+async def create_topics(bootstrap: str, topics: dict[str, int], **client_options) -> None:
     """Create topics (name -> partitions, replication 1); topics that already exist are left as is.
 
     Needed because faust does not create source topics and Tansu auto-creates with 4 partitions.
+    client_options: aiokafka security arguments (`Settings.kafka_client_options()`).
     """
     if not topics:
         return
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000, **client_options)
     await admin.start()
     try:
         resp = await admin.create_topics(

@@ -122,12 +122,13 @@ def _first_conversations(timed: list[tuple[float, dict]], limit: int) -> list[tu
 
 
 async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", speed: float = 0.0,
-                 progress: bool = True, limit: int | None = None) -> ReplayStats:
+                 progress: bool = True, limit: int | None = None, client_options: dict | None = None) -> ReplayStats:
     """Send the file's messages to `topic`, key = conversation_id.
 
     speed: 0 sends as fast as possible; X replays at X times real time (pauses capped at 5 s).
     limit: replay only the first `limit` conversations, each whole with its `end` message, so a
     partial replay never leaves a conversation open.
+    client_options: aiokafka security arguments (`Settings.kafka_client_options()`).
     """
     from aiokafka import AIOKafkaProducer
     from rich.console import Console
@@ -144,6 +145,7 @@ async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", sp
         acks="all",
         linger_ms=5,  # small: at replay speed a message should leave at once, its ts is its send time
         value_serializer=lambda m: json.dumps(m, ensure_ascii=False).encode("utf-8"),
+        **(client_options or {}),
     )
     await producer.start()
     sent, pending, started = 0, [], time.perf_counter()
@@ -188,6 +190,7 @@ def run_replay(args) -> int:
     settings = load_settings()
     stats = asyncio.run(replay(args.path, args.bootstrap or settings.bootstrap_servers(),
                                topic=args.topic or settings.utterances_topic, speed=args.speed,
-                               progress=not args.no_progress, limit=args.limit))
+                               progress=not args.no_progress, limit=args.limit,
+                               client_options=settings.kafka_client_options()))
     print(f"sent {stats.sent} messages from {stats.conversations} conversations in {stats.seconds:.2f} s")
     return 0

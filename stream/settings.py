@@ -80,6 +80,24 @@ class Settings(BaseSettings):
     def __repr__(self) -> str:  # pydantic already masks SecretStr; this keeps it short in logs
         return f"Settings(brokers={self.brokers!r}, app_id={self.app_id!r}, model_path={str(self.model_path)!r})"
 
+    def kafka_client_options(self) -> dict:
+        """Security keyword arguments for plain aiokafka clients (topic creation at start-up,
+        replay, watch, dashboard): the same protocol and credentials as the worker's faust app."""
+        import ssl
+
+        proto = self.kafka_security_protocol
+        if proto == "PLAINTEXT":
+            return {}
+        opts: dict = {"security_protocol": proto}
+        if proto in ("SSL", "SASL_SSL"):
+            opts["ssl_context"] = ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
+        if proto.startswith("SASL"):
+            if not self.kafka_sasl_username or self.kafka_sasl_password is None:
+                raise ValueError(f"{proto} needs EMOTION_MONITOR_KAFKA_SASL_USERNAME and EMOTION_MONITOR_KAFKA_SASL_PASSWORD")
+            opts.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                        sasl_plain_password=self.kafka_sasl_password.get_secret_value())
+        return opts
+
     def faust_credentials(self):
         """faust broker credentials from the Kafka security settings (None = plaintext)."""
         import ssl

@@ -73,7 +73,7 @@ def format_event(event: dict) -> Text:
 
 async def watch(bootstrap: str, topic: str = "emotions", conversation: str | None = None, final_only: bool = False,
                 group: str | None = None, max_events: int | None = None, timeout_s: float | None = None,
-                console: Console | None = None) -> list[dict]:
+                console: Console | None = None, client_options: dict | None = None) -> list[dict]:
     """Print emotion events as they arrive; return the events shown (after the filters).
 
     Stops after `max_events` shown events, after `timeout_s` seconds, or when cancelled (Ctrl-C).
@@ -93,6 +93,7 @@ async def watch(bootstrap: str, topic: str = "emotions", conversation: str | Non
         # also shows a supervisor the calls already in progress.
         auto_offset_reset="earliest",
         fetch_max_wait_ms=100,  # Tansu waits out the whole interval before answering: keep it short
+        **(client_options or {}),  # security: Settings.kafka_client_options()
         session_timeout_ms=6000,  # Kafka's minimum by default; a group's first join takes about half of it
         heartbeat_interval_ms=500,
     )
@@ -158,7 +159,8 @@ def run_watch(args) -> int:
     try:
         asyncio.run(watch(args.bootstrap or settings.bootstrap_servers(), topic=args.topic or settings.emotions_topic,
                           conversation=args.conversation, final_only=args.final_only, group=args.group,
-                          max_events=args.max_events, timeout_s=args.timeout))
+                          max_events=args.max_events, timeout_s=args.timeout,
+                          client_options=settings.kafka_client_options()))
     except KeyboardInterrupt:
         pass  # Ctrl-C is the normal way to stop watching
     return 0

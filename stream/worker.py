@@ -336,7 +336,7 @@ def run_worker(settings: Settings) -> None:
              scorer.backend, scorer.lookahead, scorer.window)
     topics = {t: settings.partitions for t in (settings.utterances_topic, settings.emotions_topic, settings.alerts_topic,
                                               settings.summaries_topic, settings.dlq_topic)}
-    asyncio.run(create_topics(settings.bootstrap_servers(), topics))
+    asyncio.run(create_topics(settings.bootstrap_servers(), topics, **settings.kafka_client_options()))
     app = build_app(settings, scorer)
     # torch, transformers and faust leave ~440k long-lived objects to the cyclic garbage
     # collector; a full collection walked them all and stalled the worker for 280-330 ms (measured

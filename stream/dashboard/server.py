@@ -185,6 +185,7 @@ class DashboardServer:
                 fetch_max_wait_ms=max(1, min(self.settings.fetch_max_wait_ms, 100)),
                 metadata_max_age_ms=5000,  # notice topics created after the dashboard started
                 client_id="emotion-monitor-dashboard",
+                **self.settings.kafka_client_options(),
             )
             try:
                 self.consumer_status.update(state="connecting", error=None)

@@ -40,8 +40,9 @@ ENV_NAME = re.compile(r"(?<![A-Za-z0-9_])EMOTION_MONITOR_[A-Z0-9_]*[A-Z0-9]")
 
 WORKER_SERVICES = ("worker", "worker-cpu")
 NAME_LABEL = "app.kubernetes.io/name"
-# Secret keys that are documented but not read by this version (secret.example.yaml says so).
-FUTURE_SECRET_KEYS = {"KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"}
+# Kafka SASL keys of the example Secret: each must be a setting the worker reads.
+KAFKA_SECRET_KEYS = {"EMOTION_MONITOR_KAFKA_SASL_MECHANISM", "EMOTION_MONITOR_KAFKA_SASL_USERNAME",
+                     "EMOTION_MONITOR_KAFKA_SASL_PASSWORD"}
 
 
 def default(field: str):
@@ -685,7 +686,9 @@ def test_example_secret_holds_only_placeholders_and_the_documented_keys():
     secret = k8s_object("Secret")
     data = secret.get("stringData", {})
     assert PREFIX + "REDIS_PASSWORD" in data
-    assert set(data) - {PREFIX + "REDIS_PASSWORD"} == FUTURE_SECRET_KEYS
+    assert set(data) - {PREFIX + "REDIS_PASSWORD"} == KAFKA_SECRET_KEYS
+    for key in data:  # a key the worker does not read would be silently ignored
+        assert key.removeprefix(PREFIX).lower() in Settings.model_fields, key
     for key, value in data.items():
         if key.endswith(("PASSWORD", "USERNAME")):
             assert value == "change-me", f"{key}: an example Secret must not hold a real credential"

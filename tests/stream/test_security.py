@@ -34,6 +34,28 @@ def test_sasl_settings_build_faust_credentials():
     assert Settings().faust_credentials() is None
 
 
+def test_security_settings_reach_the_plain_kafka_clients_too():
+    """Topic creation at start-up, replay, watch and the dashboard use aiokafka directly: they get
+    the same protocol and credentials as the worker's faust app (aiokafka validates them here)."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    assert Settings().kafka_client_options() == {}
+    opts = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-256",
+                    kafka_sasl_username="monitor", kafka_sasl_password=SECRET).kafka_client_options()
+    assert opts["security_protocol"] == "SASL_SSL" and opts["sasl_plain_password"] == SECRET and opts["ssl_context"]
+
+    async def build():  # constructors only: nothing connects
+        AIOKafkaProducer(bootstrap_servers="localhost:1", **opts)
+        AIOKafkaConsumer("t", bootstrap_servers="localhost:1", **opts)
+        AIOKafkaAdminClient(bootstrap_servers="localhost:1", **opts)
+
+    run(build())
+    assert set(Settings(kafka_security_protocol="SSL").kafka_client_options()) == {"security_protocol", "ssl_context"}
+    with pytest.raises(ValueError, match="SASL_USERNAME"):
+        Settings(kafka_security_protocol="SASL_PLAINTEXT").kafka_client_options()
+
+
 @pytest.mark.integration
 def test_worker_uses_redis_auth_and_keeps_the_password_out_of_its_log(stack, tiny_artifact, tmp_path):
     names = unique_names()
