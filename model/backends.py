@@ -8,20 +8,26 @@ GRUs and heads stay eager (tiny, and their shapes vary with the number of conver
 | eager    | CPU or CUDA    | plain PyTorch (float32; CUDA: float16 autocast) |
 | compile  | CPU or CUDA    | torch.compile with dynamic shapes; on CUDA float16 with CUDA graphs (mode "reduce-overhead") |
 | tensorrt | CUDA + extra   | torch-tensorrt, dynamic batch and sequence, float16 (`pip install 'emotion-monitor[tensorrt]'`) |
-| auto     | anywhere       | tensorrt if installed and on CUDA, else compile on CUDA, else eager |
+| onnx     | CPU + extra    | ONNX Runtime, float32, exported at start-up (`pip install 'emotion-monitor[onnx]'`) |
+| auto     | anywhere       | CUDA: tensorrt if installed, else compile; CPU: onnx if installed, else eager |
+
+Why ONNX Runtime on CPU: eager PyTorch spends most of a small batch in per-operator overhead;
+ONNX Runtime fuses the transformer's operators. Measured here (2 cores): one utterance 17.6 ->
+3.4 ms, 8 utterances 46 -> 30 ms, 64 utterances 279 -> 251 ms, outputs equal within 1.1e-6.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("emotion_monitor.backends")
-BACKENDS = ("auto", "eager", "compile", "tensorrt")
+BACKENDS = ("auto", "eager", "compile", "tensorrt", "onnx")
 MAX_BATCH, MAX_TOKENS = 256, 64
 
 EncodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> (N, D)
@@ -35,13 +41,23 @@ def tensorrt_available() -> bool:
     return importlib.util.find_spec("torch_tensorrt") is not None
 
 
+def onnxruntime_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
+
+
 def choose_backend(requested: str, device: torch.device) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}: use one of {', '.join(BACKENDS)}")
     if requested == "auto":
-        if device.type == "cuda" and tensorrt_available():
-            return "tensorrt"
-        return "compile" if device.type == "cuda" else "eager"
+        if device.type == "cuda":
+            return "tensorrt" if tensorrt_available() else "compile"
+        return "onnx" if onnxruntime_available() else "eager"
+    if requested == "onnx":
+        if not onnxruntime_available():
+            raise BackendUnavailable("backend 'onnx' asked for, but ONNX Runtime is not installed: run "
+                                     "`pip install 'emotion-monitor[onnx]'`, or use --backend eager")
+        if device.type != "cpu":
+            raise BackendUnavailable("backend 'onnx' runs on the CPU; on CUDA use compile or tensorrt")
     if requested == "tensorrt":
         if not tensorrt_available():
             raise BackendUnavailable(
@@ -76,8 +92,47 @@ def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device) 
 
         compiled = torch.compile(fp16, dynamic=True, mode="reduce-overhead")
         return chosen, lambda ids, mask: compiled(ids, mask).float()
+    if chosen == "onnx":
+        return chosen, onnx_runtime_encoder(encoder)
     trt = compile_tensorrt(encoder, device)
     return chosen, lambda ids, mask: trt(ids, mask).float()
+
+
+def onnx_runtime_encoder(encoder: torch.nn.Module) -> EncodeFn:
+    """Export the encoder to ONNX in memory (dynamic batch 1-256, sequence 1-64) and serve it with
+    ONNX Runtime on the CPU, with as many threads as torch uses."""
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    batch, seq = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=MAX_TOKENS)
+    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    # The exporter reports on every optional operator library it does not find (torchvision)
+    # and on internals: noise in a worker's log, kept out of it.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(encoder.eval(), example, dynamo=True, verbose=False,
+                                        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    finally:
+        onnx_log.setLevel(level)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    # Threads that spin between operators take the cores from the broker and Redis beside the
+    # worker (as OMP_WAIT_POLICY=ACTIVE did: 103 instead of ~160 utt/s): let them sleep.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {names[0]: ids.cpu().numpy(), names[1]: mask.cpu().numpy()})[0]
+        return torch.from_numpy(out)
+
+    return run
 
 
 def compile_tensorrt(encoder: torch.nn.Module, device: torch.device):  # pragma: no cover - CUDA + torch-tensorrt only

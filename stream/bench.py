@@ -225,7 +225,10 @@ async def _bench(args) -> int:
         console.print(f"[dim]bench:[/] {msg}")
 
     settings = Settings()
-    scorer = Scorer(args.model or settings.model_path, args.device)
+    # Built like the worker's (backend, batch size, token budget): the three rates use one encoder.
+    scorer = Scorer(args.model or settings.model_path, args.device, settings.backend, settings.max_batch,
+                    settings.max_batch_tokens)
+    progress(f"model {scorer.model_id} on {scorer.device}, encoder backend {scorer.backend}")
     phase = max(2.0, args.duration / 4)
     progress(f"encoder in batches of {settings.max_batch} for {phase:.0f} s")
     enc = encoder_rate(scorer, phase, settings.max_batch)

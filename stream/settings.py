@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     # ---- model and streaming semantics ------------------------------------------------
     model_path: Path = Field(DEFAULT_MODEL, description="trained artifact folder")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
-    backend: str = Field("auto", pattern="^(auto|eager|compile|tensorrt)$",
-                         description="encoder backend: auto (tensorrt > compile on CUDA, eager on CPU), eager, compile, tensorrt")
+    backend: str = Field("auto", pattern="^(auto|eager|compile|tensorrt|onnx)$",
+                         description="encoder backend: auto (CUDA: tensorrt > compile; CPU: onnx > eager), eager, compile, tensorrt, onnx")
     idle_finalize_s: float = Field(30.0, gt=0, description="a conversation idle this long gets its pending utterances finalised")
     rules_path: Path | None = Field(None, description="alert rules TOML (default: the shipped stream/rules/default.toml)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch's default: one per core)")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model.backends import BackendUnavailable, build_encoder, choose_backend, export_encoder, load_exported, tensorrt_available
+from model.backends import (BackendUnavailable, build_encoder, choose_backend, export_encoder, load_exported,
+                            onnxruntime_available, tensorrt_available)
 from model.inference import tokenize
 from model.modeling import EmotionSIModel
 from tests.conftest import tiny_config
@@ -10,11 +11,11 @@ CPU = torch.device("cpu")
 
 
 def test_backend_selection_on_cpu():
-    assert choose_backend("auto", CPU) == "eager"
+    assert choose_backend("auto", CPU) == ("onnx" if onnxruntime_available() else "eager")
     assert choose_backend("eager", CPU) == "eager"
     assert choose_backend("compile", CPU) == "compile"
     with pytest.raises(ValueError, match="unknown backend"):
-        choose_backend("onnx", CPU)
+        choose_backend("openvino", CPU)
 
 
 @pytest.mark.skipif(tensorrt_available(), reason="torch-tensorrt is installed here")
@@ -97,3 +98,27 @@ def test_scorer_with_the_compile_backend_encodes_like_eager_on_cpu(tmp_path):
     compiled = Scorer(path, "cpu", backend="compile")
     assert compiled.backend == "compile"
     assert abs(compiled.encode(texts) - eager).max() < 1e-4
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="ONNX Runtime is not installed (the onnx extra)")
+def test_onnx_backend_equals_eager_on_cpu_at_other_shapes(tokenizer):
+    """Exported with a (2, 8) example, served at other batch sizes and lengths: within 1e-5."""
+    torch.manual_seed(0)
+    enc = EmotionSIModel(tiny_config()).eval().encoder
+    used, fn = build_encoder(enc, "onnx", CPU)
+    assert used == "onnx"
+    for texts in (["one"], ["short", "a different and rather longer utterance with more tokens in it", "okay", "what?!"]):
+        ids, mask = tokenize(tokenizer, texts, 64)
+        with torch.inference_mode():
+            assert (fn(ids, mask) - enc(ids, mask)).abs().max() < 1e-5
+    with pytest.raises(BackendUnavailable, match="runs on the CPU"):
+        choose_backend("onnx", torch.device("cuda"))
+
+
+def test_onnx_asked_for_without_it_says_what_to_do(monkeypatch):
+    import model.backends as backends
+
+    monkeypatch.setattr(backends, "onnxruntime_available", lambda: False)
+    with pytest.raises(BackendUnavailable, match=r"pip install 'emotion-monitor\[onnx\]'"):
+        backends.choose_backend("onnx", CPU)
+    assert backends.choose_backend("auto", CPU) == "eager"
