@@ -100,24 +100,15 @@ class Settings(BaseSettings):
 
     def faust_credentials(self):
         """faust broker credentials from the Kafka security settings (None = plaintext)."""
-        import ssl
-
         import faust
 
-        proto = self.kafka_security_protocol
-        if proto == "PLAINTEXT":
+        opts = self.kafka_client_options()
+        if not opts:
             return None
-        context = ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
-        if proto == "SSL":
-            return faust.SSLCredentials(context)
-        if not self.kafka_sasl_username or self.kafka_sasl_password is None:
-            raise ValueError(f"{proto} needs EMOTION_MONITOR_KAFKA_SASL_USERNAME and EMOTION_MONITOR_KAFKA_SASL_PASSWORD")
-        return faust.SASLCredentials(
-            username=self.kafka_sasl_username,
-            password=self.kafka_sasl_password.get_secret_value(),
-            mechanism=self.kafka_sasl_mechanism,
-            ssl_context=context if proto == "SASL_SSL" else None,
-        )
+        if opts["security_protocol"] == "SSL":
+            return faust.SSLCredentials(opts["ssl_context"])
+        return faust.SASLCredentials(username=opts["sasl_plain_username"], password=opts["sasl_plain_password"],
+                                     mechanism=opts["sasl_mechanism"], ssl_context=opts.get("ssl_context"))
 
     def bootstrap_servers(self) -> str:
         """host:port list for plain aiokafka clients (without the kafka:// scheme)."""
