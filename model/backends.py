@@ -29,15 +29,9 @@ import torch
 
 log = logging.getLogger("emotion_monitor.backends")
 BACKENDS = ("auto", "eager", "compile", "tensorrt", "onnx")
-MAX_BATCH, MAX_TOKENS = 256, 128  # 128 = a 64-token utterance plus a 64-token context segment
+MAX_BATCH, MAX_TOKENS = 256, 64
 
-# (ids, mask, token types or None) -> (N, D); token type 1 marks the context segment (config.context_turns)
-EncodeFn = Callable[..., torch.Tensor]
-
-
-def _types(ids: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
-    # Compiled graphs take a fixed set of inputs: no context segment = all zeros (BERT's default).
-    return torch.zeros_like(ids) if types is None else types
+EncodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> (N, D)
 
 
 class BackendUnavailable(RuntimeError):
@@ -81,9 +75,9 @@ def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device) 
     log.info("encoder backend: %s (asked: %s, device: %s)", chosen, backend, device)
     if chosen == "eager":
         if device.type == "cuda":
-            def eager_fp16(ids, mask, types=None):
+            def eager_fp16(ids, mask):
                 with torch.autocast("cuda", dtype=torch.float16):
-                    return encoder(ids, mask, types).float()
+                    return encoder(ids, mask).float()
             return chosen, eager_fp16
         return chosen, encoder
     if chosen == "compile":
@@ -93,26 +87,26 @@ def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device) 
         # float16 like eager on CUDA, and CUDA graphs ("reduce-overhead") to remove the per-kernel
         # launch cost that dominates small batches. `.float()` copies the output out of the graph's
         # static buffer, which the next call overwrites.
-        def fp16(ids, mask, types):
+        def fp16(ids, mask):
             with torch.autocast("cuda", dtype=torch.float16):
-                return encoder(ids, mask, types)
+                return encoder(ids, mask)
 
         compiled = torch.compile(fp16, dynamic=True, mode="reduce-overhead")
-        return chosen, lambda ids, mask, types=None: compiled(ids, mask, _types(ids, types)).float()
+        return chosen, lambda ids, mask: compiled(ids, mask).float()
     if chosen == "onnx":
         return chosen, onnx_runtime_encoder(encoder)
     trt = compile_tensorrt(encoder, device)
-    return chosen, lambda ids, mask, types=None: trt(ids, mask, _types(ids, types)).float()
+    return chosen, lambda ids, mask: trt(ids, mask).float()
 
 
 def onnx_runtime_encoder(encoder: torch.nn.Module) -> EncodeFn:
-    """Export the encoder to ONNX in memory (dynamic batch 1-256, sequence 1-128) and serve it with
+    """Export the encoder to ONNX in memory (dynamic batch 1-256, sequence 1-64) and serve it with
     ONNX Runtime on the CPU, with as many threads as torch uses."""
     import onnxruntime as ort
     from torch.export import Dim
 
     batch, seq = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=MAX_TOKENS)
-    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))
+    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
     # The exporter reports on every optional operator library it does not find (torchvision)
     # and on internals: noise in a worker's log, kept out of it.
     onnx_log = logging.getLogger("torch.onnx")
@@ -122,7 +116,7 @@ def onnx_runtime_encoder(encoder: torch.nn.Module) -> EncodeFn:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(encoder.eval(), example, dynamo=True, verbose=False,
-                                        dynamic_shapes=({0: batch, 1: seq},) * 3)
+                                        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
     finally:
         onnx_log.setLevel(level)
     options = ort.SessionOptions()
@@ -135,22 +129,18 @@ def onnx_runtime_encoder(encoder: torch.nn.Module) -> EncodeFn:
     session = ort.InferenceSession(program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
-    def run(ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
-        feed = {names[0]: ids.cpu().numpy(), names[1]: mask.cpu().numpy()}
-        if len(names) > 2:  # the exporter drops an input the graph does not read
-            feed[names[2]] = _types(ids, types).cpu().numpy()
-        out = session.run(None, feed)[0]
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {names[0]: ids.cpu().numpy(), names[1]: mask.cpu().numpy()})[0]
         return torch.from_numpy(out)
 
     return run
 
 
 def compile_tensorrt(encoder: torch.nn.Module, device: torch.device):  # pragma: no cover - CUDA + torch-tensorrt only
-    """A TensorRT module (float16, dynamic batch 1-256 and sequence 1-128; ids, mask, token types)."""
+    """A TensorRT module (float16, dynamic batch 1-256 and sequence 1-64)."""
     import torch_tensorrt
 
     inputs = [
-        torch_tensorrt.Input(min_shape=(1, 1), opt_shape=(64, 24), max_shape=(MAX_BATCH, MAX_TOKENS), dtype=torch.int64),
         torch_tensorrt.Input(min_shape=(1, 1), opt_shape=(64, 24), max_shape=(MAX_BATCH, MAX_TOKENS), dtype=torch.int64),
         torch_tensorrt.Input(min_shape=(1, 1), opt_shape=(64, 24), max_shape=(MAX_BATCH, MAX_TOKENS), dtype=torch.int64),
     ]
@@ -158,12 +148,11 @@ def compile_tensorrt(encoder: torch.nn.Module, device: torch.device):  # pragma:
 
 
 def export_encoder(encoder: torch.nn.Module, path: str | Path, example: tuple[torch.Tensor, torch.Tensor]) -> Path:
-    """torch.export program (ids, mask, token types) with dynamic batch and sequence length, saved as .pt2."""
+    """torch.export program with dynamic batch and sequence length, saved as .pt2."""
     from torch.export import Dim
 
     batch, seq = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=MAX_TOKENS)
-    ids, mask = example
-    program = torch.export.export(encoder.eval(), (ids, mask, torch.zeros_like(ids)), dynamic_shapes=({0: batch, 1: seq},) * 3)
+    program = torch.export.export(encoder.eval(), example, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(path))
@@ -171,5 +160,4 @@ def export_encoder(encoder: torch.nn.Module, path: str | Path, example: tuple[to
 
 
 def load_exported(path: str | Path) -> EncodeFn:
-    program = torch.export.load(str(path)).module()
-    return lambda ids, mask, types=None: program(ids, mask, _types(ids, types))
+    return torch.export.load(str(path)).module()

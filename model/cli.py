@@ -87,7 +87,7 @@ def run_export(args: argparse.Namespace) -> int:
         choose_backend("tensorrt", device)  # a clear error when it cannot work here
         import torch_tensorrt
 
-        torch_tensorrt.save(compile_tensorrt(model.encoder, device), str(out), inputs=[ids, mask, torch.zeros_like(ids)])
+        torch_tensorrt.save(compile_tensorrt(model.encoder, device), str(out), inputs=[ids, mask])
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
         return 0
     used, fn = build_encoder(model.encoder, "compile", device)

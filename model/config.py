@@ -34,13 +34,6 @@ class ModelConfig:
     # (two shipped models fit the 50 MB budget) and CPU training skips their backward pass.
     trainable_encoder_layers: int = 4
     max_tokens: int = 64  # covers all but 2 of 9,989 MELD training utterances
-    # Conversational context inside the encoder: the text of the previous `context_turns`
-    # utterances follows the current one as BERT's second segment,
-    # `[CLS] current [SEP] previous [SEP] the one before [SEP]`, cut to `context_tokens`, and the
-    # vector is pooled over the current utterance only. The GRUs see only pooled vectors; words
-    # of neighbouring lines ("Why?" after a joke) reach the encoder only this way. 0 = off.
-    context_turns: int = 0
-    context_tokens: int = 64
     # Context encoder: one forward and one backward GRU per branch, `hidden` units each.
     hidden: int = 128
     # Shared-private structure of Li et al. (2020): emotion-private, SI-private and shared

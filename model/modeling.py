@@ -96,8 +96,6 @@ class UtteranceEncoder(nn.Module):
             bert_cfg = BertConfig.from_pretrained(str(base_encoder_dir()))
             self.bert = BertModel(bert_cfg, add_pooling_layer=False)
         self.dim = self.bert.config.hidden_size
-        # Longest input: the utterance plus, with context_turns, its context segment.
-        self.max_input_tokens = cfg.max_tokens + (cfg.context_tokens if cfg.context_turns else 0)
         n_layers = self.bert.config.num_hidden_layers
         self.first_trainable = n_layers - min(cfg.trainable_encoder_layers, n_layers)
         if cfg.tiny_encoder is None:
@@ -111,15 +109,10 @@ class UtteranceEncoder(nn.Module):
             return int(parts[2]) >= self.first_trainable
         return False
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids, attention_mask, token_type_ids: (N, S); segment 1 = context (config.context_turns)
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).last_hidden_state  # (N, S, D)
-        # Pooled over the current utterance (segment 0) only: the context shapes its tokens
-        # through attention, but the vector stays this utterance's.
-        keep = attention_mask if token_type_ids is None else attention_mask * (1 - token_type_ids)
-        m = keep.unsqueeze(-1).to(hidden.dtype)  # (N, S, 1)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # input_ids, attention_mask: (N, S)
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, S, D)
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (N, S, 1)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (N, D)
 
 
@@ -198,9 +191,8 @@ class EmotionSIModel(nn.Module):
         )
 
     # ---- utterance level -------------------------------------------------------------
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encoder(input_ids, attention_mask, token_type_ids)  # (N, D)
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask)  # (N, D)
 
     # ---- context level ---------------------------------------------------------------
     def forward_states(self, u: torch.Tensor, parties: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:

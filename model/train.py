@@ -24,7 +24,7 @@ from model import data as D
 from model.artifact import save_artifact, stored_state
 from model.config import ModelConfig, TrainConfig
 from model.evaluate import evaluate, plot_confusion
-from model.inference import encode_bucketed, pad_dialogues, previous_texts
+from model.inference import encode_bucketed, pad_dialogues
 from model.modeling import EmotionSIModel, emotion_si_loss, load_tokenizer
 
 MODEL_VERSION = "0.1.0"
@@ -128,8 +128,7 @@ class Trainer:
         texts = [u.text for d in dialogues for u in d.utterances]
         # bf16 for the transformer on CUDA only; the GRUs and heads stay in float32.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            vecs = encode_bucketed(model, self.tokenizer, texts, self.encode_batch,
-                                   contexts=previous_texts(dialogues, self.model_cfg.context_turns))
+            vecs = encode_bucketed(model, self.tokenizer, texts, self.encode_batch)
         u, parties, lengths = pad_dialogues(vecs.float(), dialogues, self.model_cfg.num_parties)
         la, win = self._truncation(len(texts))
         emo_logits, si_logits = model.score_dialogues(u, parties, lengths, la, win)
