@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -58,16 +59,56 @@ def _load(n_conv: int, n_utts: int, seed: int = 7) -> list[dict]:
     return out
 
 
+# ---- where the CPU goes -------------------------------------------------------------------
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux /proc; None elsewhere)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """CPU used by each named process between `start()` and `stop()`, in core-ms per utterance.
+
+    Why: on a small machine the broker, Redis and the load generator share the cores with the
+    worker's encoder, so the pipeline's ceiling is the machine's cores divided by the CPU that
+    every part spends per utterance, not the bare encoder's rate. Printing it makes that bound
+    a measured figure."""
+
+    def __init__(self, pids: dict[str, int | None]):
+        self.pids, self.before, self.t0 = pids, {}, 0.0
+
+    def start(self) -> None:
+        self.before, self.t0 = {n: cpu_seconds(p) for n, p in self.pids.items()}, time.perf_counter()
+
+    def stop(self, utterances: int) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        out = {}
+        for name, pid in self.pids.items():
+            now, then = cpu_seconds(pid), self.before.get(name)
+            if now is not None and then is not None:
+                out[name] = (now - then) * 1000 / utterances
+        out["wall"] = wall * 1000 / utterances
+        return out
+
+
 # ---- in-process phases -------------------------------------------------------------------
-def encoder_rate(scorer, seconds: float, batch: int) -> float:
+def encoder_rate(scorer, seconds: float, batch: int) -> tuple[float, float | None]:
+    """(utterances per second, CPU core-ms per utterance) of the bare encoder."""
     texts = _texts()
     scorer.encode(texts[:batch])  # warm-up
-    n, t0 = 0, time.perf_counter()
+    n, t0, cpu0 = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - t0 < seconds:
         chunk = random.sample(texts, min(batch, len(texts)))
         scorer.encode(chunk)
         n += len(chunk)
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    return rate, (cpu_seconds() - cpu0) * 1000 / n
 
 
 def step_cost_ratio(scorer, rules_path: str | None = None, repeats: int = 60) -> tuple[float, float]:
@@ -176,7 +217,7 @@ async def _await_provisional(consumer, ids: set[tuple[str, int]], timeout_s: flo
 
 
 async def pipeline_phase(settings: Settings, stack, worker, n_conv: int, sustained_n: int, latency_seconds: float,
-                         progress) -> tuple[float, list[float]]:
+                         progress) -> tuple[float, list[float], dict[str, float]]:
     from aiokafka import AIOKafkaConsumer
 
     from stream.localrun import wait_until_ready
@@ -189,10 +230,14 @@ async def pipeline_phase(settings: Settings, stack, worker, n_conv: int, sustain
         progress("pipeline: sustained load")
         load = _load(n_conv, sustained_n)
         ids = {(m["conversation_id"], m["seq"]) for m in load}
+        meter = CpuMeter({"worker": worker.proc.pid, "broker": stack.broker_pid, "redis": stack.redis_pid,
+                          "load generator and event consumer": None})
+        meter.start()
         t0 = time.time()
         sender = asyncio.create_task(_produce(stack.bootstrap, settings.utterances_topic, load))
         got = await _await_provisional(consumer, ids, timeout_s=600)
         await sender
+        cpu = meter.stop(len(ids))
         if len(got) < len(ids):
             raise RuntimeError(f"pipeline: only {len(got)} of {len(ids)} provisional events arrived; see {worker.log}")
         elapsed = max(t0 + lat for lat in got.values()) - t0  # first produce -> last provisional received
@@ -203,7 +248,7 @@ async def pipeline_phase(settings: Settings, stack, worker, n_conv: int, sustain
         sender = asyncio.create_task(_produce(stack.bootstrap, settings.utterances_topic, lat_load, rate=rate / 2))
         got = await _await_provisional(consumer, ids, timeout_s=latency_seconds * 4 + 60)
         await sender
-        return rate, [v * 1000 for v in got.values()]
+        return rate, [v * 1000 for v in got.values()], cpu
     finally:
         await consumer.stop()
 
@@ -231,7 +276,7 @@ async def _bench(args) -> int:
     progress(f"model {scorer.model_id} on {scorer.device}, encoder backend {scorer.backend}")
     phase = max(2.0, args.duration / 4)
     progress(f"encoder in batches of {settings.max_batch} for {phase:.0f} s")
-    enc = encoder_rate(scorer, phase, settings.max_batch)
+    enc, enc_cpu = encoder_rate(scorer, phase, settings.max_batch)
     progress(f"encoder: {enc:.0f} utt/s; per-utterance cost at positions 5 and 200")
     short_ms, long_ms = step_cost_ratio(scorer, settings.rules_path)
     workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-bench-"))
@@ -240,7 +285,7 @@ async def _bench(args) -> int:
         worker = LocalWorker(local_worker_env(stack, model_path=args.model, device=args.device), workdir / "worker.log")
         try:
             sustained_n = max(200, int(enc * args.duration / 2))
-            pipe, latencies = await pipeline_phase(settings, stack, worker, args.conversations, sustained_n, phase, progress)
+            pipe, latencies, cpu = await pipeline_phase(settings, stack, worker, args.conversations, sustained_n, phase, progress)
         finally:
             worker.stop()
         progress("naive consumer")
@@ -260,6 +305,24 @@ async def _bench(args) -> int:
     print(f"naive     {naive:8.1f} utt/s  (pipeline is {pipe / naive:.2f} x naive)")
     print(f"latency   p50 {p50:.1f} ms, p99 {p99:.1f} ms  (produce -> provisional event, at {pipe / 2:.0f} utt/s)")
     print(f"step cost {short_ms:.2f} ms at position 5, {long_ms:.2f} ms at 200: ratio {long_ms / short_ms:.3f}")
+    print_cpu(cpu, enc_cpu, pipe)
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def print_cpu(cpu: dict[str, float], encoder_cpu_ms: float | None, pipe: float) -> None:
+    """Where the CPU went during the sustained load, and the rate the machine's cores allow."""
+    cores = os.cpu_count() or 1
+    parts = {k: v for k, v in cpu.items() if k != "wall"}
+    if not parts or encoder_cpu_ms is None:
+        return
+    total = sum(parts.values())
+    print("cpu per utterance during the sustained load (core-ms): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+          + f"; all {total:.2f} = {total / cpu['wall'] / cores:.0%} of {cores} cores")
+    others = total - parts.get("worker", 0.0)
+    worker_rest = parts.get("worker", 0.0) - encoder_cpu_ms
+    print(f"  bare encoder {encoder_cpu_ms:.2f} core-ms/utt; worker beyond it {worker_rest:.2f}; outside the worker {others:.2f}")
+    print(f"  the cores allow {cores * 1000 / total:.0f} utt/s at this CPU per utterance, all of them 100% busy "
+          f"(measured {pipe:.0f})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,3 +30,28 @@ def test_bench_json_has_exactly_the_documented_figures(tmp_path):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert result["latency_p50_ms"] <= result["latency_p99_ms"]
     assert "pipeline" in proc.stdout and "naive" in proc.stdout  # the human-readable lines come first
+    # Where the CPU went: every process of the pipeline is accounted for.
+    cpu_line = next(line for line in proc.stdout.splitlines() if line.startswith("cpu per utterance"))
+    for part in ("worker", "broker", "redis", "load generator"):
+        assert part in cpu_line
+
+
+def test_cpu_meter_counts_a_child_process_and_this_one():
+    """The bench's CPU figures come from /proc: a child that burns ~0.3 s of CPU must show it."""
+    from stream.bench import CpuMeter, cpu_seconds
+
+    if cpu_seconds(1) is None:
+        pytest.skip("no /proc here")
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\nimport sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        meter = CpuMeter({"child": child.pid, "self": None})
+        meter.start()
+        deadline = time.time() + 10
+        while (cpu_seconds(child.pid) or 0) < 0.3 and time.time() < deadline:
+            sum(range(10_000))
+        out = meter.stop(utterances=10)
+    finally:
+        child.communicate(b"", timeout=10)
+    assert out["child"] * 10 / 1000 >= 0.25  # core-ms per utterance x utterances = its CPU seconds
+    assert out["self"] > 0 and out["wall"] > 0
