@@ -8,6 +8,9 @@ Figures (same utterances, same model, same machine, one run, since this machine 
   step_ms_ratio_long_short per-utterance cost (state load + step + events + alert rules + state save,
                            encoder excluded) at position 200 of a conversation over position 5,
                            the two positions timed alternately
+Before the JSON line it prints where the CPU went during the sustained phase (core-ms per
+utterance for the worker, the broker, Redis and the bench's own load generator and consumer,
+from /proc) and the rate the machine's cores allow at that cost.
 """
 
 from __future__ import annotations
