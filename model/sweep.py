@@ -27,7 +27,9 @@ def plan_runs(plan: dict) -> list[dict]:
     jobs = []
     for name, spec in plan["runs"].items():
         for seed in spec.get("seeds", plan.get("seeds", [13])):
-            sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in spec.get("set", {}).items()]
+            # A plan-level `set` applies to every run (e.g. pinning a recipe value the default later changed).
+            merged = {**plan.get("set", {}), **spec.get("set", {})}
+            sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
             jobs.append({"name": name, "dataset": spec["dataset"], "seed": seed, "set": sets, "label": spec.get("label", name)})
     return jobs
 
@@ -69,7 +71,8 @@ def summarize(jobs: list[dict], out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", type=Path, required=True, help="TOML with seeds = [...] and [runs.NAME] tables (dataset, set = {...})")
+    p.add_argument("--plan", type=Path, required=True,
+                   help="TOML with seeds = [...], an optional set = {...} for every run, and [runs.NAME] tables (dataset, set = {...})")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
