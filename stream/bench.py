@@ -40,6 +40,9 @@ def add_bench(sub) -> None:
     p.add_argument("--conversations", type=int, default=32, help="concurrent conversations in the load (default 32)")
     p.add_argument("--model", type=Path, default=None, help="artifact folder (default: the shipped MELD model)")
     p.add_argument("--device", default="cpu", help="torch device for the in-process phases and the worker (default cpu)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes in one consumer group for the pipeline phase (default 1); with more than one, "
+                        "each gets cores / workers model threads unless EMOTION_MONITOR_TORCH_THREADS says otherwise")
     p.set_defaults(func=run_bench)
 
 
@@ -219,7 +222,7 @@ async def _await_provisional(consumer, ids: set[tuple[str, int]], timeout_s: flo
     return got
 
 
-async def pipeline_phase(settings: Settings, stack, worker, n_conv: int, sustained_n: int, latency_seconds: float,
+async def pipeline_phase(settings: Settings, stack, workers, n_conv: int, sustained_n: int, latency_seconds: float,
                          progress) -> tuple[float, list[float], dict[str, float]]:
     from aiokafka import AIOKafkaConsumer
 
@@ -229,12 +232,14 @@ async def pipeline_phase(settings: Settings, stack, worker, n_conv: int, sustain
                                 auto_offset_reset="earliest", fetch_max_wait_ms=10)
     await consumer.start()
     try:
+        worker = workers[0]
         await wait_until_ready(stack.bootstrap, settings.utterances_topic, consumer, worker)
         progress("pipeline: sustained load")
         load = _load(n_conv, sustained_n)
         ids = {(m["conversation_id"], m["seq"]) for m in load}
-        meter = CpuMeter({"worker": worker.proc.pid, "broker": stack.broker_pid, "redis": stack.redis_pid,
-                          "load generator and event consumer": None})
+        names = ["worker"] if len(workers) == 1 else [f"worker {k + 1}" for k in range(len(workers))]
+        meter = CpuMeter({**{n: w.proc.pid for n, w in zip(names, workers)}, "broker": stack.broker_pid,
+                          "redis": stack.redis_pid, "load generator and event consumer": None})
         meter.start()
         t0 = time.time()
         sender = asyncio.create_task(_produce(stack.bootstrap, settings.utterances_topic, load))
@@ -264,7 +269,7 @@ async def _bench(args) -> int:
     from rich.console import Console
 
     from model.runtime import Scorer
-    from stream.localrun import LocalWorker, local_worker_env
+    from stream.localrun import LocalWorker, local_worker_env, wait_all_assigned
     from stream.localstack import local_stack
 
     console = Console(stderr=True)
@@ -272,6 +277,8 @@ async def _bench(args) -> int:
     def progress(msg: str) -> None:
         console.print(f"[dim]bench:[/] {msg}")
 
+    if args.workers < 1:
+        raise SystemExit("bench: --workers must be 1 or more")
     settings = Settings()
     # Built like the worker's (backend, batch size, token budget): the three rates use one encoder.
     scorer = Scorer(args.model or settings.model_path, args.device, settings.backend, settings.max_batch,
@@ -285,12 +292,22 @@ async def _bench(args) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-bench-"))
     topics = {settings.utterances_topic: settings.partitions, settings.emotions_topic: settings.partitions, settings.dlq_topic: 1}
     with local_stack(topics, workdir=workdir) as stack:
-        worker = LocalWorker(local_worker_env(stack, model_path=args.model, device=args.device), workdir / "worker.log")
+        # Several workers: one model thread pool per process, the cores split between them (Python
+        # runs one thread at a time per process, so a second process keeps a core busy while the
+        # first is in its event loop).
+        threads = settings.torch_threads or (max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else None)
+        workers = [LocalWorker(local_worker_env(stack, model_path=args.model, device=args.device, torch_threads=threads),
+                               workdir / f"worker-{k + 1}.log") for k in range(args.workers)]
         try:
+            if len(workers) > 1:
+                progress(f"{len(workers)} workers, {threads} model thread(s) each: waiting for every one to hold partitions")
+                await wait_all_assigned(workers)
             sustained_n = max(200, int(enc * args.duration / 2))
-            pipe, latencies, cpu = await pipeline_phase(settings, stack, worker, args.conversations, sustained_n, phase, progress)
+            pipe, latencies, cpu = await pipeline_phase(settings, stack, workers, args.conversations, sustained_n, phase,
+                                                        progress)
         finally:
-            worker.stop()
+            for w in workers:
+                w.stop()
         progress("naive consumer")
         naive = await naive_rate(scorer, stack.bootstrap, max(100, int(pipe * phase / 4)), args.conversations)
     p50, p99 = np.percentile(latencies, [50, 99])
@@ -304,7 +321,8 @@ async def _bench(args) -> int:
         "device": str(scorer.device),
     }
     print(f"encoder   {enc:8.1f} utt/s  (bare encoder, batches of {settings.max_batch})")
-    print(f"pipeline  {pipe:8.1f} utt/s  ({pipe / enc:.2f} x encoder; broker + worker + Redis, {args.conversations} conversations)")
+    print(f"pipeline  {pipe:8.1f} utt/s  ({pipe / enc:.2f} x encoder; broker + {args.workers} worker(s) + Redis, "
+          f"{args.conversations} conversations)")
     print(f"naive     {naive:8.1f} utt/s  (pipeline is {pipe / naive:.2f} x naive)")
     print(f"latency   p50 {p50:.1f} ms, p99 {p99:.1f} ms  (produce -> provisional event, at {pipe / 2:.0f} utt/s)")
     print(f"step cost {short_ms:.2f} ms at position 5, {long_ms:.2f} ms at 200: ratio {long_ms / short_ms:.3f}")
@@ -324,8 +342,9 @@ def print_cpu(cpu: dict[str, float], encoder_cpu_ms: float | None, pipe: float) 
     print("cpu per utterance during the sustained load (core-ms): "
           + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
           + f"; all {total:.2f} = {total / cpu['wall'] / cores:.0%} of {cores} cores")
-    others = total - parts.get("worker", 0.0)
-    worker_rest = parts.get("worker", 0.0) - encoder_cpu_ms
-    print(f"  bare encoder {encoder_cpu_ms:.2f} core-ms/utt; worker beyond it {worker_rest:.2f}; outside the worker {others:.2f}")
+    in_workers = sum(v for k, v in parts.items() if k.startswith("worker"))
+    others = total - in_workers
+    worker_rest = in_workers - encoder_cpu_ms
+    print(f"  bare encoder {encoder_cpu_ms:.2f} core-ms/utt; workers beyond it {worker_rest:.2f}; outside the workers {others:.2f}")
     print(f"  the cores allow {cores * 1000 / total:.0f} utt/s at this CPU per utterance, all of them 100% busy "
           f"(measured {pipe:.0f})")

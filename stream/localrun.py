@@ -38,6 +38,7 @@ def local_worker_env(stack, **settings) -> dict[str, str]:
 class LocalWorker:
     def __init__(self, env: dict[str, str], log: Path):
         self.log = log
+        self.web_port = int(env["EMOTION_MONITOR_WEB_PORT"])
         self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env,
                                      stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -78,3 +79,26 @@ async def wait_until_ready(bootstrap: str, utterances_topic: str, consumer, work
             if any(json.loads(r.value).get("conversation_id") == cid for r in records):
                 return
     raise TimeoutError(f"the worker did not answer within {timeout_s:.0f} s; see {worker.log}")
+
+
+async def wait_all_assigned(workers: list[LocalWorker], timeout_s: float = 180) -> None:
+    """Until every worker's /readyz says it holds partitions: a warm-up utterance answered by one
+    worker says nothing of a second one still joining the group (and its join would pause the load)."""
+    import asyncio
+    import urllib.request
+
+    def ready(w: LocalWorker) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{w.web_port}/readyz", timeout=2) as r:
+                return bool(json.loads(r.read()).get("ready"))
+        except (OSError, ValueError):  # not listening yet, or 503 while it has no partitions
+            return False
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for w in workers:
+            w.check()
+        if all(await asyncio.gather(*(asyncio.to_thread(ready, w) for w in workers))):
+            return
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"not every worker held partitions within {timeout_s:.0f} s; see {', '.join(str(w.log) for w in workers)}")

@@ -7,6 +7,7 @@ keys), not the speed: speed is what the command reports, never asserted by a tes
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,6 +35,19 @@ def test_bench_json_has_exactly_the_documented_figures(tmp_path):
     cpu_line = next(line for line in proc.stdout.splitlines() if line.startswith("cpu per utterance"))
     for part in ("worker", "broker", "redis", "load generator"):
         assert part in cpu_line
+
+
+def test_bench_with_two_workers_splits_the_cores_and_counts_both(tmp_path):
+    """--workers 2: two worker processes in one consumer group, one model thread each; every
+    utterance still gets its provisional event (the bench raises otherwise) and both workers'
+    CPU is counted."""
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", "bench", "--json", "--duration", "2", "--conversations", "8",
+                           "--workers", "2"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(json.loads(proc.stdout.strip().splitlines()[-1])) == KEYS
+    assert f"2 workers, {max(1, (os.cpu_count() or 1) // 2)} model thread(s) each" in proc.stderr
+    cpu_line = next(line for line in proc.stdout.splitlines() if line.startswith("cpu per utterance"))
+    assert "worker 1" in cpu_line and "worker 2" in cpu_line
 
 
 def test_cpu_meter_counts_a_child_process_and_this_one():
