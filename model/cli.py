@@ -46,6 +46,26 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_evaluate)
 
 
+def add_soup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "soup",
+        help="average the weights of runs trained from the same initial weights into one artifact",
+        description="A model soup: the mean of the weights of several `train` runs that share --seed (the same initial "
+        "weights) and differ in data_seed (--set data_seed=N: batch order, truncation draws, dropout). The result is "
+        "one artifact of the same size and speed as each run; it is scored on the dataset's dev split "
+        "(dev_metrics.json, confusion matrix). With --compare each run and the ensemble of their probabilities (k "
+        "times the encoder cost) are scored too, into soup_report.json.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="artifact folders written by `train` (two or more)")
+    p.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    p.add_argument("--dataset", choices=["meld", "emorynlp"], default=None, help="only for runs whose config.json names none")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with the dev split (default: $EMOTION_MONITOR_DATA_DIR or ../shared/data)")
+    p.add_argument("--data", type=Path, default=None, help="score on this file instead of the dev split")
+    p.add_argument("--compare", action="store_true", help="also score each run and their probability ensemble")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run_soup)
+
+
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -142,6 +162,12 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_soup(args: argparse.Namespace) -> int:
+    from model.soup import run_soup as soup
+
+    return soup(args)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from model.artifact import load_artifact
     from model.data import load_dataset
@@ -170,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_evaluate(sub)
+    add_soup(sub)
     add_export(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -80,6 +80,10 @@ class ModelConfig:
 class TrainConfig:
     dataset: str = "meld"
     seed: int = 13
+    # Seed of everything after the network is built (batch order, truncation draws, SI chunks,
+    # dropout); None = `seed`. Runs sharing `seed` but not `data_seed` start from the same
+    # weights and can be averaged into one model (`emotion-monitor soup`).
+    data_seed: int | None = None
     epochs: int = 6
     # Dialogues per emotion batch; an SI batch of Friends scene chunks of similar size follows.
     batch_dialogues: int = 8

@@ -27,15 +27,24 @@ def plan_runs(plan: dict) -> list[dict]:
     jobs = []
     for name, spec in plan["runs"].items():
         for seed in spec.get("seeds", plan.get("seeds", [13])):
-            # A plan-level `set` applies to every run (e.g. pinning a recipe value the default later changed).
-            merged = {**plan.get("set", {}), **spec.get("set", {})}
-            sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
-            jobs.append({"name": name, "dataset": spec["dataset"], "seed": seed, "set": sets, "label": spec.get("label", name)})
+            # data_seeds: several runs from the same initial weights (`seed`), for `emotion-monitor soup`.
+            for data_seed in spec.get("data_seeds", [None]):
+                # A plan-level `set` applies to every run (e.g. pinning a recipe value the default later changed).
+                merged = {**plan.get("set", {}), **spec.get("set", {})}
+                if data_seed is not None:
+                    merged["data_seed"] = data_seed
+                sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in merged.items()]
+                jobs.append({"name": name, "dataset": spec["dataset"], "seed": seed, "data_seed": data_seed, "set": sets,
+                             "label": spec.get("label", name)})
     return jobs
 
 
+def run_dir_name(job: dict) -> str:
+    return f"{job['name']}-s{job['seed']}" + (f"-d{job['data_seed']}" if job.get("data_seed") is not None else "")
+
+
 def launch(job: dict, data_dir: Path, out: Path) -> subprocess.Popen:
-    run_dir = out / f"{job['name']}-s{job['seed']}"
+    run_dir = out / run_dir_name(job)
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "model.cli", "train", "--dataset", job["dataset"], "--data-dir", str(data_dir),
            "--out", str(run_dir), "--seed", str(job["seed"])]
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 running.remove((job, proc))
                 job["rc"], job["seconds"] = proc.returncode, round(time.time() - job["started"], 1)
-                print(f"{job['name']} seed {job['seed']}: rc {proc.returncode} in {job['seconds']} s", flush=True)
+                print(f"{run_dir_name(job)}: rc {proc.returncode} in {job['seconds']} s", flush=True)
             elif args.deadline is not None and elapsed > args.deadline:
                 proc.kill()
         time.sleep(1.0)

@@ -72,6 +72,8 @@ class Trainer:
         self.speaker_index = {n: i for i, n in enumerate(D.SPEAKERS)}
         self.tokenizer = load_tokenizer()
         self.model = EmotionSIModel(self.model_cfg).to(self.device)
+        if cfg.data_seed is not None:
+            seed_everything(cfg.data_seed)  # the initial weights above depend on `seed` alone
         enc = [p for n, p in self.model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
         groups = [{"params": rest, "lr": cfg.head_lr}]

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_cli.add_train(sub)
     model_cli.add_evaluate(sub)
+    model_cli.add_soup(sub)
     model_cli.add_export(sub)
     add_replay(sub)
     add_watch(sub)

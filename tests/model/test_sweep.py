@@ -31,3 +31,19 @@ def test_shipped_plans_pin_what_the_default_recipe_changed_since():
         for job in plan_runs(plan):
             weighting = [s for s in job["set"] if s.startswith("class_weighting=")]
             assert weighting, (name, job["name"])
+
+
+def test_data_seeds_expand_into_runs_from_one_start():
+    plan = tomllib.loads('''
+seeds = [5]
+[runs.soup]
+dataset = "meld"
+data_seeds = [1, 2]
+[runs.single]
+dataset = "meld"
+''')
+    from model.sweep import run_dir_name
+
+    jobs = plan_runs(plan)
+    assert [run_dir_name(j) for j in jobs] == ["soup-s5-d1", "soup-s5-d2", "single-s5"]
+    assert jobs[1]["set"] == ["data_seed=2"] and jobs[2]["set"] == []
