@@ -25,6 +25,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None, help="recipe TOML (default: model/configs/<dataset>.toml)")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
+    p.add_argument("--teacher", action="append", default=[], type=Path, metavar="RUN_DIR",
+                   help="distil from this trained artifact (repeatable: the teachers' mean probabilities); "
+                   "distill_weight and distill_temperature are set with --set")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe or model field, e.g. --set si_weight=0 --set cross_attention=false (repeatable)")
     p.set_defaults(func=run_train)
@@ -152,6 +155,11 @@ def run_train(args: argparse.Namespace) -> int:
             raise SystemExit(f"--set {k}: not a field of the recipe or the model; see model/config.py")
     config = args.config or CONFIG_DIR / f"{args.dataset}.toml"
     recipe.update({k: v for k, v in (("seed", args.seed), ("epochs", args.epochs)) if v is not None})
+    if args.teacher:
+        for t in args.teacher:
+            if not (t / "config.json").exists():
+                raise SystemExit(f"--teacher {t}: not an artifact folder (no config.json); pass runs written by `train`")
+        recipe["teachers"] = tuple(str(t) for t in args.teacher)
     cfg = TrainConfig.from_toml(config, model_overrides=model, **recipe)
     if cfg.dataset != args.dataset:
         raise SystemExit(f"{config} is a recipe for {cfg.dataset}, not {args.dataset}")

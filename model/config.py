@@ -107,6 +107,12 @@ class TrainConfig:
     # raw weights (0 = off). Off by default: on MELD dev it moved no score beyond the seed noise
     # (model card, second recipe search).
     ema_decay: float = 0.0
+    # Knowledge distillation: artifact folders of trained runs (same lookahead and window) whose
+    # mean probabilities the model also learns, weighted by distill_weight, at distill_temperature
+    # (model/distill.py). Empty = plain training.
+    teachers: tuple[str, ...] = ()
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
     max_train_dialogues: int | None = None  # for smoke runs
     max_si_scenes: int | None = None
     # ModelConfig fields set by the recipe ([model] table); labels come from the data.
@@ -119,6 +125,7 @@ class TrainConfig:
         model_over = raw.pop("model", {})
         model_over.update(overrides.pop("model_overrides", None) or {})
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        if "truncation_probs" in raw:
-            raw["truncation_probs"] = tuple(raw["truncation_probs"])
+        for key in ("truncation_probs", "teachers"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
         return cls(**raw, model_overrides=model_over)

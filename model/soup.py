@@ -99,7 +99,8 @@ def run_soup(args) -> int:
     dev_file = args.data or split_path(args.data_dir or default_data_dir(), dataset, "dev")
     dialogues = load_dataset(dataset, dev_file)
     tokenizer = load_tokenizer()
-    model, _ = load_artifact(out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_artifact(out, device)
     metrics, probs, gold = evaluate(model, tokenizer, dialogues)
     (out / "dev_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion(gold, probs["final"].argmax(-1), model.cfg.emotion_labels, out / "confusion_dev_final.png",
@@ -108,7 +109,7 @@ def run_soup(args) -> int:
     if args.compare:
         per_run = []
         for r in runs:
-            m, p, _ = evaluate(load_artifact(r)[0], tokenizer, dialogues)
+            m, p, _ = evaluate(load_artifact(r, device)[0], tokenizer, dialogues)
             report["runs"][r.name] = _scores(m)
             per_run.append(p)
         report["ensemble"] = _scores(metrics_from_probs(gold, ensemble_probs(per_run), model.cfg.emotion_labels))

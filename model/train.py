@@ -23,6 +23,7 @@ import torch
 from model import data as D
 from model.artifact import save_artifact, stored_state
 from model.config import ModelConfig, TrainConfig
+from model.distill import distillation_loss, teacher_probs
 from model.evaluate import evaluate, plot_confusion
 from model.inference import encode_bucketed, pad_dialogues
 from model.modeling import EmotionSIModel, emotion_si_loss, load_tokenizer
@@ -92,6 +93,20 @@ class Trainer:
             counts = np.bincount([self.label_index[u.emotion.lower()] for d in self.train_set for u in d.utterances], minlength=len(labels))
             w = (counts.sum() / np.maximum(counts, 1)) ** 0.5
             self.class_weights = torch.tensor(w / w.mean(), dtype=torch.float32, device=self.device)
+        self.teacher: dict[int, torch.Tensor] | None = None
+        if cfg.teachers:
+            from rich.progress import Progress
+
+            with Progress(disable=self.quiet) as bar:
+                task = bar.add_task(f"teachers score the training set ({len(cfg.teachers)} x {len(self.train_set)} dialogues)",
+                                    total=len(cfg.teachers) * len(self.train_set))
+
+                def done(teacher: int, dialogues: int) -> None:
+                    bar.update(task, completed=teacher * len(self.train_set) + dialogues)
+
+                probs = teacher_probs(cfg.teachers, self.tokenizer, self.train_set, self.model_cfg.lookahead,
+                                      self.model_cfg.window, cfg.distill_temperature, self.device, progress=done)
+            self.teacher = {id(d): torch.as_tensor(p, device=self.device) for d, p in zip(self.train_set, probs)}
         self._log(
             f"train: {len(self.train_set)} dialogues, dev: {len(self.dev_set)}, SI chunks: {len(self.si_set)}, "
             f"device: {self.device}, trainable params: {sum(p.numel() for p in self.model.parameters() if p.requires_grad):,}"
@@ -108,8 +123,9 @@ class Trainer:
                 si.append(self.speaker_index[cls] if cls is not None else -100)
         return emo, si
 
-    def _truncation(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-target lookahead (0..L, or -1 = whole dialogue) and window (W, or -1 = unbounded)."""
+    def _truncation(self, n: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Per-target lookahead (0..L, or -1 = whole dialogue), window (W, or -1 = unbounded), and the
+        choice index (0..L + 1) that names the teacher's matching view (model.distill.views)."""
         L, W = self.model_cfg.lookahead, self.model_cfg.window
         probs = np.asarray(self.cfg.truncation_probs, dtype=np.float64)
         if len(probs) != L + 2:
@@ -117,7 +133,7 @@ class Trainer:
         choice = np.random.choice(L + 2, size=n, p=probs / probs.sum())
         la = np.where(choice == L + 1, -1, choice)
         win = np.where(choice == L + 1, -1, W)
-        return torch.as_tensor(la, device=self.device), torch.as_tensor(win, device=self.device)
+        return torch.as_tensor(la, device=self.device), torch.as_tensor(win, device=self.device), choice
 
     def train_step(self, emo_batch: list[D.Dialogue], si_batch: list[D.Dialogue]) -> dict[str, float]:
         model, cfg = self.model, self.cfg
@@ -132,11 +148,19 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             vecs = encode_bucketed(model, self.tokenizer, texts, self.encode_batch)
         u, parties, lengths = pad_dialogues(vecs.float(), dialogues, self.model_cfg.num_parties)
-        la, win = self._truncation(len(texts))
+        la, win, choice = self._truncation(len(texts))
         emo_logits, si_logits = model.score_dialogues(u, parties, lengths, la, win)
         loss, parts = emotion_si_loss(
             emo_logits.float(), emo_t, si_logits.float(), si_t, cfg.si_weight, self.class_weights, cfg.label_smoothing
         )
+        if self.teacher is not None and emo_batch:
+            # Targets come in dialogue order, the emotion dialogues first; each is matched with the
+            # teachers' view of the same truncation.
+            n = len(e1)
+            target = torch.cat([self.teacher[id(d)] for d in emo_batch])[torch.arange(n), torch.as_tensor(choice[:n])]
+            kd = distillation_loss(emo_logits[:n].float(), target, cfg.distill_temperature)
+            loss = loss + cfg.distill_weight * kd
+            parts["loss_distill"] = kd.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -196,6 +220,8 @@ class Trainer:
                     "train_loss": float(np.mean([s["loss"] for s in losses])),
                     "train_loss_emotion": float(np.mean([s["loss_emotion"] for s in losses])),
                     "train_loss_si": float(np.mean([s["loss_si"] for s in losses])),
+                    **({"train_loss_distill": float(np.mean([s["loss_distill"] for s in losses if "loss_distill" in s]))}
+                       if self.teacher is not None else {}),
                     **{k: v for k, v in metrics.items() if k.startswith(("weighted", "macro"))},
                 }
                 score = (metrics["weighted_f1_final"] + metrics["weighted_f1_provisional"]) / 2
