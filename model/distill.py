@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.data import Dialogue
-from model.inference import encode_texts, pad_dialogues
+from model.inference import score_views
 
 
 def views(lookahead: int, window: int) -> list[tuple[int | None, int | None]]:
@@ -27,38 +27,28 @@ def views(lookahead: int, window: int) -> list[tuple[int | None, int | None]]:
     return [(la, window) for la in range(lookahead + 1)] + [(None, None)]
 
 
-@torch.inference_mode()
 def teacher_probs(
     teacher_dirs: Sequence[str | Path], tokenizer, dialogues: Sequence[Dialogue], lookahead: int, window: int,
-    temperature: float, device: torch.device | str = "cpu", batch_dialogues: int = 32, progress=None,
+    temperature: float, device: torch.device | str = "cpu", progress=None,
 ) -> list[np.ndarray]:
-    """Per dialogue an array (n_utterances, L + 2, E): the teachers' mean softened probabilities."""
+    """Per dialogue an array (n_utterances, L + 2, E): the teachers' mean softened probabilities.
+    `progress(k)` is called after the k-th teacher."""
     from model.artifact import load_artifact
 
-    out = [np.zeros((len(d), lookahead + 2, 0), dtype=np.float32) for d in dialogues]
+    named = {str(k): v for k, v in enumerate(views(lookahead, window))}
+    total = 0.0
     for k, path in enumerate(teacher_dirs):
         teacher, _ = load_artifact(path, device)
         if (teacher.cfg.lookahead, teacher.cfg.window) != (lookahead, window):
             raise ValueError(f"teacher {path}: lookahead/window {teacher.cfg.lookahead}/{teacher.cfg.window}, the student "
                              f"trains with {lookahead}/{window}; train the teachers with the student's recipe")
-        for i in range(0, len(dialogues), batch_dialogues):
-            chunk = dialogues[i : i + batch_dialogues]
-            vecs = encode_texts(teacher, tokenizer, [u.text for d in chunk for u in d.utterances])
-            u, parties, lengths = pad_dialogues(vecs, chunk, teacher.cfg.num_parties)
-            per_view = []
-            for la, win in views(lookahead, window):
-                logits, _ = teacher.score_dialogues(u, parties, lengths, la, win)
-                per_view.append(torch.softmax(logits.float() / temperature, -1).cpu().numpy())
-            stacked = np.stack(per_view, axis=1)  # (N, views, E) in dialogue order
-            start = 0
-            for j, d in enumerate(chunk):
-                part = stacked[start : start + len(d)] / len(teacher_dirs)
-                out[i + j] = part if k == 0 else out[i + j] + part
-                start += len(d)
-            if progress is not None:
-                progress(k, i + len(chunk))
+        probs = score_views(teacher, tokenizer, dialogues, named, temperature=temperature)
+        total = total + np.stack([probs[name] for name in named], axis=1)  # (N, views, E) in dialogue order
         del teacher
-    return out
+        if progress is not None:
+            progress(k + 1)
+    mean = total / len(teacher_dirs)
+    return np.split(mean, np.cumsum([len(d) for d in dialogues])[:-1])
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

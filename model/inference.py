@@ -86,18 +86,26 @@ def pad_dialogues(vectors: torch.Tensor, dialogues: Sequence[Dialogue], num_part
 
 
 @torch.inference_mode()
-def score_dialogues(
-    model: EmotionSIModel, tokenizer, dialogues: Sequence[Dialogue], modes: Sequence[str] = tuple(MODES), batch_dialogues: int = 32
+def score_views(
+    model: EmotionSIModel, tokenizer, dialogues: Sequence[Dialogue], views: dict[str, tuple[int | None, int | None]],
+    batch_dialogues: int = 32, temperature: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """Emotion probabilities (N_utterances, E) per mode, utterances in dialogue order."""
+    """Emotion probabilities (N_utterances, E) per view (name: (lookahead, window), None = unbounded),
+    utterances in dialogue order; softmax at `temperature` (distillation softens with it)."""
     model.eval()
-    out: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    out: dict[str, list[np.ndarray]] = {m: [] for m in views}
     for i in range(0, len(dialogues), batch_dialogues):
         chunk = dialogues[i : i + batch_dialogues]
         vecs = encode_texts(model, tokenizer, [u.text for d in chunk for u in d.utterances])
         u, parties, lengths = pad_dialogues(vecs, chunk, model.cfg.num_parties)
-        for m in modes:
-            la, win = MODES[m](model.cfg)
+        for m, (la, win) in views.items():
             logits, _ = model.score_dialogues(u, parties, lengths, la, win)
-            out[m].append(torch.softmax(logits.float(), -1).cpu().numpy())
+            out[m].append(torch.softmax(logits.float() / temperature, -1).cpu().numpy())
     return {m: np.concatenate(v) if v else np.zeros((0, len(model.cfg.emotion_labels))) for m, v in out.items()}
+
+
+def score_dialogues(
+    model: EmotionSIModel, tokenizer, dialogues: Sequence[Dialogue], modes: Sequence[str] = tuple(MODES), batch_dialogues: int = 32
+) -> dict[str, np.ndarray]:
+    """Emotion probabilities (N_utterances, E) per mode, utterances in dialogue order."""
+    return score_views(model, tokenizer, dialogues, {m: MODES[m](model.cfg) for m in modes}, batch_dialogues)

@@ -98,11 +98,10 @@ class Trainer:
             from rich.progress import Progress
 
             with Progress(disable=self.quiet) as bar:
-                task = bar.add_task(f"teachers score the training set ({len(cfg.teachers)} x {len(self.train_set)} dialogues)",
-                                    total=len(cfg.teachers) * len(self.train_set))
+                task = bar.add_task(f"teachers score the training set ({len(self.train_set)} dialogues each)", total=len(cfg.teachers))
 
-                def done(teacher: int, dialogues: int) -> None:
-                    bar.update(task, completed=teacher * len(self.train_set) + dialogues)
+                def done(teachers: int) -> None:
+                    bar.update(task, completed=teachers)
 
                 probs = teacher_probs(cfg.teachers, self.tokenizer, self.train_set, self.model_cfg.lookahead,
                                       self.model_cfg.window, cfg.distill_temperature, self.device, progress=done)
