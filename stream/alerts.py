@@ -650,11 +650,16 @@ def risk(state: MonitorState) -> float:
     return round(min(1.0, 0.6 * share + 0.4 * severity), 4)
 
 
+ENDED_BY = ("end", "abandoned", "idle")
+
+
 def summarize(state: MonitorState, conversation_id: str, ended_by: str, model: dict[str, Any],
               now: float) -> dict[str, Any]:
-    """The summary event of a conversation that ended (`ended_by`: "end" message or "idle" timeout)."""
-    if ended_by not in ("end", "idle"):
-        raise ValueError(f"ended_by must be 'end' or 'idle', got {ended_by!r}")
+    """The summary event of a conversation that ended (`ended_by`: "end" message, or "abandoned":
+    no utterance for the abandonment timeout; "idle" is what releases before it wrote for an idle
+    timeout, which now only flushes)."""
+    if ended_by not in ENDED_BY:
+        raise ValueError(f"ended_by must be one of {', '.join(ENDED_BY)}, got {ended_by!r}")
     return {
         "summary_id": summary_id(model, conversation_id),
         "conversation_id": conversation_id,

@@ -7,7 +7,11 @@ Event rules (DESIGN.md, "Streaming semantics"), with L the model's lookahead:
 - utterance t arrives -> `provisional` for t (or `final` at once when L = 0);
 - t-1..t-L+1 re-scored -> `revised` for those whose label changed;
 - t-L re-scored with L later utterances -> `final`, exactly once;
-- end of conversation (control message or idle timeout) -> `final` for every pending utterance.
+- the conversation goes quiet for `idle_finalize_s` (event time) -> `final` for every pending
+  utterance (`flush`); the conversation stays open and a later utterance continues with the same
+  context (utterances already final are never re-scored into events again);
+- end of conversation (control message, or no utterance for `abandon_after_s`) -> `final` for every
+  pending utterance, then the summary.
 Delivery: a message with seq <= last applied seq and the same content is a redelivery and is
 not applied again; with other content it is a seq regression and goes to the DLQ.
 """
@@ -44,7 +48,11 @@ class Conversation:
     last_seq: int = -1
     ended: bool = False
     context_reset: bool = False  # state was missing mid-conversation: context starts over
-    last_activity: float = 0.0
+    last_activity: float = 0.0  # worker wall clock of the last applied input
+    # Event time (Kafka message timestamp, unix seconds) of the last applied utterance: idleness
+    # is measured against the partition's event-time progress, not the worker's clock.
+    last_event_ts: float = 0.0
+    ended_by: str | None = None  # "end" or "abandoned" once ended
     pending: dict[int, UttMeta] = field(default_factory=dict)  # model position -> utterance
     recent: dict[int, str] = field(default_factory=dict)  # seq -> content digest (last `window`)
     monitor: MonitorState = field(default_factory=MonitorState)  # alert rules and summary accumulators
@@ -55,6 +63,8 @@ class Conversation:
             "ended": self.ended,
             "context_reset": self.context_reset,
             "last_activity": self.last_activity,
+            "last_event_ts": self.last_event_ts,
+            "ended_by": self.ended_by,
             "pending": {str(p): vars(m) for p, m in self.pending.items()},
             "recent": {str(s): d for s, d in self.recent.items()},
             "monitor": self.monitor.to_dict(),
@@ -72,6 +82,9 @@ class Conversation:
             ended=meta["ended"],
             context_reset=meta["context_reset"],
             last_activity=meta["last_activity"],
+            # states written before these fields existed
+            last_event_ts=meta.get("last_event_ts", meta["last_activity"]),
+            ended_by=meta.get("ended_by", "end" if meta["ended"] else None),
             pending={int(p): UttMeta(**m) for p, m in meta["pending"].items()},
             recent={int(s): d for s, d in meta["recent"].items()},
             monitor=MonitorState.from_dict(meta["monitor"]),
@@ -161,14 +174,65 @@ def _emit_scores(cfg: StepConfig, cid: str, conv: Conversation, scored: Sequence
     return replace(conv, pending=pending, monitor=monitor)
 
 
+def flush_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome) -> Conversation:
+    """A pause (idle timeout): the pending utterances become final with their latest scores; the
+    conversation stays open. The model state (window, forward GRU state) is kept, so a later
+    utterance continues with the same context. When it arrives the model re-scores the last L + 1
+    positions again; those already final have no `UttMeta` in `pending` any more, so
+    `_emit_scores` says nothing about them: a final is never revised or emitted twice."""
+    dialogue, scored = finalize(conv.dialogue)
+    conv = replace(conv, dialogue=dialogue)
+    return _emit_scores(cfg, cid, conv, scored, now, conv.last_seq, out)
+
+
 def end_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome,
                      ended_by: str = "end") -> Conversation:
     """Finalise the pending utterances, then publish the conversation's summary."""
-    dialogue, scored = finalize(conv.dialogue)
-    conv = replace(conv, dialogue=dialogue)
-    conv = _emit_scores(cfg, cid, conv, scored, now, conv.last_seq, out)
+    conv = flush_conversation(cfg, cid, conv, now, out)
     out.summaries.append(summarize(conv.monitor, cid, ended_by, _model(cfg), now))
-    return replace(conv, ended=True, last_activity=now)
+    return replace(conv, ended=True, ended_by=ended_by, last_activity=now)
+
+
+def on_idle(cfg: StepConfig, conversations: dict[str, Conversation | None], abandoned: set[str] | frozenset[str],
+            now: float) -> tuple[dict[str, Conversation], Outcome]:
+    """The idle timer's step: conversations in `abandoned` (quiet for `abandon_after_s`) end with
+    their summary (ended_by "abandoned"); the others (quiet for `idle_finalize_s`) are flushed and
+    stay open. Returns the conversations that changed and what to publish."""
+    out = Outcome()
+    changed: dict[str, Conversation] = {}
+    for cid, conv in conversations.items():
+        if conv is None or conv.ended:
+            continue
+        if cid in abandoned:
+            changed[cid] = end_conversation(cfg, cid, conv, now, out, ended_by="abandoned")
+        elif conv.pending:
+            changed[cid] = flush_conversation(cfg, cid, conv, now, out)
+    return changed, out
+
+
+@dataclass(frozen=True)
+class PartitionClock:
+    """Event-time progress of one input partition, as the worker that owns it sees it.
+
+    `watermark` is the newest message timestamp read from the partition. While the worker reads
+    (a backlog after a restart or an outage), event time is the watermark: conversations whose next
+    messages are already waiting are not flushed. When nothing more arrives, event time advances
+    with the wall clock, but only by the time the worker spent waiting for input since its last read
+    from the partition (`busy` is the worker's running total of time spent processing, which is
+    not counted): a quiet partition still gets its flushes, about `idle_finalize_s` after its last
+    message, and a worker stuck on a batch (Redis down) does not flush when it comes back.
+    """
+
+    watermark: float  # newest message timestamp read (unix seconds)
+    wall_at: float  # worker wall clock when the partition was last read (or first owned)
+    busy_at: float  # the worker's busy total at that moment
+
+    def advance(self, ts: float, wall: float, busy: float) -> "PartitionClock":
+        return PartitionClock(max(self.watermark, ts), wall, busy)
+
+    def now(self, wall: float, busy: float) -> float:
+        waited = (wall - self.wall_at) - (busy - self.busy_at)
+        return self.watermark + max(0.0, waited)
 
 
 StepFn = Callable[[list[DialogueState], np.ndarray, list[str]], tuple[list[DialogueState], list[list[Scored]]]]
@@ -181,6 +245,7 @@ def step(
     inputs: Sequence[Utterance | End],
     vectors: np.ndarray,  # (len(inputs), D): the utterance vectors (rows of End inputs are unused)
     now: float,
+    event_ts: Sequence[float] | None = None,  # per input: its Kafka message timestamp (default: now)
 ) -> tuple[dict[str, Conversation], Outcome]:
     """Apply a batch of validated inputs in order per conversation.
 
@@ -236,8 +301,9 @@ def step(
             meta = UttMeta(item.seq, item.speaker, item.role, item.ts, now, text=item.text if cfg.echo_text else None)
             recent = {s: d for s, d in conv.recent.items() if s > item.seq - cfg.window}
             recent[item.seq] = item.digest
+            ts = now if event_ts is None else event_ts[i]
             conv = replace(conv, dialogue=dialogue, last_seq=item.seq, last_activity=now,
-                           pending={**conv.pending, position: meta}, recent=recent)
+                           last_event_ts=max(conv.last_event_ts, ts), pending={**conv.pending, position: meta}, recent=recent)
             convs[cid] = _emit_scores(cfg, cid, conv, sc, now, item.seq, out)
     # Conversations still without state (an `end` for an unknown one, say) have nothing to store.
     return {cid: c for cid, c in convs.items() if c is not None}, out
@@ -253,5 +319,6 @@ def _admit(conv: Conversation | None, item: Utterance) -> str | Rejected:
             return Rejected("seq_regression", f"seq {item.seq} repeats with different content (last applied seq {conv.last_seq})")
         return Rejected("seq_regression", f"seq {item.seq} goes backwards (last applied seq {conv.last_seq})")
     if conv.ended:
-        return Rejected("conversation_ended", f"seq {item.seq} arrived after the end of conversation (last seq {conv.last_seq})")
+        how = "it was abandoned (no utterance for the abandonment timeout)" if conv.ended_by == "abandoned" else "its end message"
+        return Rejected("conversation_ended", f"seq {item.seq} arrived after the conversation ended ({how}; last seq {conv.last_seq})")
     return "apply"

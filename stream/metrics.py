@@ -8,7 +8,7 @@
 | emotion_monitor_duplicates_total | counter | | redelivered messages recognised and skipped |
 | emotion_monitor_alerts_total | counter | severity, kind | alert events published |
 | emotion_monitor_summaries_total | counter | ended_by | conversation summaries published |
-| emotion_monitor_idle_finalized_total | counter | | conversations finalised by the idle timeout |
+| emotion_monitor_idle_finalized_total | counter | | conversations flushed after a pause (idle timeout; they stay open) |
 | emotion_monitor_retries_total | counter | error | batches retried after a Redis or broker error |
 | emotion_monitor_batch_size | histogram | | messages per micro-batch |
 | emotion_monitor_stage_seconds | histogram | stage | decode, redis_read, encode, step, produce, redis_write |
@@ -38,7 +38,7 @@ class Metrics:
         self.alerts = Counter("emotion_monitor_alerts", "alert events published", ["severity", "kind"], registry=r)
         self.summaries = Counter("emotion_monitor_summaries", "summaries published", ["ended_by"], registry=r)
         self.retries = Counter("emotion_monitor_retries", "batches retried after a Redis or broker error", ["error"], registry=r)
-        self.idle_finalized = Counter("emotion_monitor_idle_finalized", "conversations finalised when idle", registry=r)
+        self.idle_finalized = Counter("emotion_monitor_idle_finalized", "conversations flushed after a pause", registry=r)
         self.batch_size = Histogram("emotion_monitor_batch_size", "messages per micro-batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.stage = Histogram("emotion_monitor_stage_seconds", "time per batch stage", ["stage"],

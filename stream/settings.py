@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model" / "weights" / "meld"
@@ -50,7 +50,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
     backend: str = Field("auto", pattern="^(auto|eager|compile|tensorrt|onnx)$",
                          description="encoder backend: auto (CUDA: tensorrt > compile; CPU: onnx > eager), eager, compile, tensorrt, onnx")
-    idle_finalize_s: float = Field(30.0, gt=0, description="a conversation idle this long gets its pending utterances finalised")
+    # Idleness is measured in event time (Kafka message timestamps of the partition), see
+    # stream/logic.py PartitionClock: a worker catching up on a backlog does not flush.
+    idle_finalize_s: float = Field(30.0, gt=0, description="a conversation quiet this long (event time) gets its pending utterances finalised; it stays open")
+    abandon_after_s: float = Field(1800.0, gt=0, description="a conversation with no utterance for this long (event time) ends: pending finals, then its summary (ended_by abandoned)")
     rules_path: Path | None = Field(None, description="alert rules TOML (default: the shipped stream/rules/default.toml)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch's default: one per core)")
     # A worker shares its cores with its Kafka and Redis clients (and, locally, the broker):
@@ -72,6 +75,14 @@ class Settings(BaseSettings):
     dashboard_host: str = Field("127.0.0.1", description="dashboard bind address")
     dashboard_port: int = Field(8088, ge=0, description="dashboard HTTP port")
     log_level: str = Field("info", description="worker log level")
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> "Settings":
+        if self.abandon_after_s <= self.idle_finalize_s:
+            raise ValueError(f"EMOTION_MONITOR_ABANDON_AFTER_S ({self.abandon_after_s:g}) must be longer than "
+                             f"EMOTION_MONITOR_IDLE_FINALIZE_S ({self.idle_finalize_s:g}): a pause flushes a "
+                             "conversation, only a much longer silence ends it")
+        return self
 
     @property
     def broker_list(self) -> list[str]:

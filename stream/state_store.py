@@ -1,8 +1,10 @@
 """Redis adapter for conversation state: one round trip to read a batch, one to write it.
 
 Keys: `{prefix}:conv:{conversation_id}` -> Conversation bytes (TTL = idle expiry);
-`{prefix}:idle:{partition}` -> sorted set of conversations with pending utterances, scored by
-last activity, so the idle timer of the worker owning the partition finds them without a scan.
+`{prefix}:idle:{partition}` -> sorted set of open conversations with pending utterances (flush
+candidates), `{prefix}:open:{partition}` -> sorted set of every open conversation (abandonment
+candidates); both scored by the event time (Kafka message timestamp) of the conversation's last
+utterance, so the idle timer of the worker owning the partition finds them without a scan.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class StateStore:
     def _idle_key(self, partition: int) -> str:
         return f"{self.prefix}:idle:{partition}"
 
+    def _open_key(self, partition: int) -> str:
+        return f"{self.prefix}:open:{partition}"
+
     async def load(self, cids: Iterable[str]) -> dict[str, Conversation | None]:
         cids = list(cids)
         if not cids:
@@ -40,18 +45,38 @@ class StateStore:
         async with self.r.pipeline(transaction=True) as pipe:
             for cid, conv in convs.items():
                 pipe.set(self._key(cid), conv.to_bytes(), ex=self.ttl_s)
-                idle = self._idle_key(partitions[cid])
+                idle, open_ = self._idle_key(partitions[cid]), self._open_key(partitions[cid])
                 if conv.pending and not conv.ended:
-                    pipe.zadd(idle, {cid: conv.last_activity})
+                    pipe.zadd(idle, {cid: conv.last_event_ts})
                 else:
                     pipe.zrem(idle, cid)
+                if not conv.ended:
+                    pipe.zadd(open_, {cid: conv.last_event_ts})
+                else:
+                    pipe.zrem(open_, cid)
             await pipe.execute()
 
     async def idle_since(self, partition: int, before: float, limit: int = 256) -> list[str]:
+        """Open conversations with pending utterances whose last utterance is older than `before`."""
         raw = await self.r.zrangebyscore(self._idle_key(partition), "-inf", before, start=0, num=limit)
         return [c.decode() if isinstance(c, bytes) else c for c in raw]
 
+    async def open_since(self, partition: int, before: float, limit: int = 256) -> list[str]:
+        """Open conversations (pending or not) whose last utterance is older than `before`."""
+        raw = await self.r.zrangebyscore(self._open_key(partition), "-inf", before, start=0, num=limit)
+        return [c.decode() if isinstance(c, bytes) else c for c in raw]
+
+    async def newest_open(self, partition: int) -> float | None:
+        """Event time of the newest utterance of an open conversation of `partition`: a lower bound
+        of how far the partition's previous owner had read (a new owner's clock starts there)."""
+        raw = await self.r.zrevrange(self._open_key(partition), 0, 0, withscores=True)
+        return float(raw[0][1]) if raw else None
+
     async def forget_idle(self, partition: int, cids: Iterable[str]) -> None:
+        """Drop conversations whose state is gone (expired) from both sets."""
         cids = list(cids)
         if cids:
-            await self.r.zrem(self._idle_key(partition), *cids)
+            async with self.r.pipeline(transaction=True) as pipe:
+                pipe.zrem(self._idle_key(partition), *cids)
+                pipe.zrem(self._open_key(partition), *cids)
+                await pipe.execute()

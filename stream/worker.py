@@ -7,7 +7,9 @@ Per micro-batch (DESIGN.md, "Data flow"):
   4. publish the events and DLQ records and wait for the broker's acks;
   5. write the states back (one MULTI/EXEC) -- only after the events are acked, so a crash
      in between leads to a redelivery that re-emits the same event ids, never to a lost event.
-The idle timer finalises conversations of this worker's partitions that went quiet.
+The idle timer flushes conversations of this worker's partitions that went quiet (their pending
+utterances become final; they stay open) and ends those quiet for the abandonment timeout. Quiet
+is measured in event time per partition (`stream.logic.PartitionClock`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from stream.alerts import check_labels, load_rules
-from stream.logic import Conversation, Outcome, StepConfig, end_conversation, step
+from stream.logic import Conversation, Outcome, PartitionClock, StepConfig, on_idle, step
 from stream.metrics import Metrics
 from stream.settings import Settings
 from stream.state_store import StateStore
@@ -54,16 +56,38 @@ class BatchProcessor:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.metrics = Metrics()
         self.metrics.model_info.labels(*scorer.model_id.partition("@")[::2], str(scorer.device)).set(1)
+        # Event-time progress per input partition, and the wall time spent holding the lock
+        # (processing): see PartitionClock.
+        self.clocks: dict[int, PartitionClock] = {}
+        self.busy_s = 0.0
 
-    async def process(self, messages: list[tuple[bytes | None, bytes | None, int, int]]) -> None:
-        """messages: (key, value, partition, offset) in consumption order.
+    def _read(self, messages, wall: float) -> None:
+        """Advance the partitions' clocks with the message timestamps of a batch just read."""
+        for m in messages:
+            partition, ts = m[2], _event_ts(m, wall)
+            clock = self.clocks.get(partition)
+            self.clocks[partition] = (clock or PartitionClock(ts, wall, self.busy_s)).advance(ts, wall, self.busy_s)
+
+    def owned(self, partitions: set[int]) -> None:
+        """Forget the clocks of partitions this worker no longer owns (a rebalance)."""
+        for p in [p for p in self.clocks if p not in partitions]:
+            del self.clocks[p]
+
+    async def process(self, messages: list[tuple]) -> None:
+        """messages: (key, value, partition, offset[, timestamp]) in consumption order; timestamp
+        is the Kafka message timestamp in unix seconds (default: now).
 
         Redis or broker trouble (a restart, a network blip) is retried with backoff until it
         passes: a batch is never dropped. Retrying is safe because the whole batch is idempotent
         (state is written last, event ids are deterministic, redeliveries are recognised).
         """
+        self._read(messages, time.time())
         async with self.lock:
-            await self._isolating(messages)
+            t0 = time.monotonic()
+            try:
+                await self._isolating(messages)
+            finally:
+                self.busy_s += time.monotonic() - t0
 
     async def _isolating(self, messages) -> None:
         """A failure that is not transient (a bug, a message that trips one) must not stop the
@@ -77,7 +101,7 @@ class BatchProcessor:
                 for m in messages:
                     await self._isolating([m])
                 return
-            key, value, partition, offset = messages[0]
+            key, value, partition, offset = messages[0][:4]
             # The type only at error level: an exception's text could quote the message's content.
             log.error("message at partition %s offset %s failed (%s); dead-lettered", partition, offset, type(exc).__name__)
             log.debug("traceback of the dead-lettered failure", exc_info=True)
@@ -101,13 +125,16 @@ class BatchProcessor:
         inputs: list[Utterance | End] = []
         origin: list[tuple[bytes | None, bytes | None, int, int]] = []
         dlq: list[dict[str, Any]] = []
-        for key, value, partition, offset in messages:
+        event_ts: list[float] = []
+        for m in messages:
+            key, value, partition, offset = m[:4]
             parsed = parse_message(value, key, self.s.max_message_bytes, self.s.max_text_chars)
             if isinstance(parsed, Rejected):
                 dlq.append(self._dlq_record(parsed, key, value, partition, offset, now))
             else:
                 inputs.append(parsed)
                 origin.append((key, value, partition, offset))
+                event_ts.append(_event_ts(m, now))
         self.metrics.utterances_in.inc(len(messages))
         self.metrics.batch_size.observe(len(messages))
         partitions = {item.conversation_id: origin[i][2] for i, item in enumerate(inputs)}
@@ -120,7 +147,7 @@ class BatchProcessor:
             t2 = time.time()
             stage.labels("redis_read").observe(t2 - t1)
             loop = asyncio.get_running_loop()
-            new_convs, outcome = await loop.run_in_executor(self.executor, self._compute, convs, inputs, now)
+            new_convs, outcome = await loop.run_in_executor(self.executor, self._compute, convs, inputs, now, event_ts)
             for i, why in outcome.rejected:
                 key, value, partition, offset = origin[i]
                 dlq.append(self._dlq_record(why, key, value, partition, offset, now))
@@ -132,7 +159,7 @@ class BatchProcessor:
         await self.store.save(new_convs, partitions)
         stage.labels("redis_write").observe(time.time() - t4)
 
-    def _compute(self, convs, inputs, now):
+    def _compute(self, convs, inputs, now, event_ts=None):
         t0 = time.time()
         texts = [x.text if isinstance(x, Utterance) else "" for x in inputs]
         idx = [i for i, x in enumerate(inputs) if isinstance(x, Utterance)]
@@ -140,32 +167,49 @@ class BatchProcessor:
         if idx:
             vectors[idx] = self.scorer.encode([texts[i] for i in idx])
         t1 = time.time()
-        result = step(self.cfg, self.scorer.step, convs, inputs, vectors, now)
+        result = step(self.cfg, self.scorer.step, convs, inputs, vectors, now, event_ts)
         self.metrics.stage.labels("encode").observe(t1 - t0)
         self.metrics.stage.labels("step").observe(time.time() - t1)
         return result
 
     async def finalize_idle(self, partition: int) -> int:
-        """Finalise conversations of `partition` idle for longer than idle_finalize_s."""
+        """Flush conversations of `partition` quiet for idle_finalize_s and end those quiet for
+        abandon_after_s, both in the partition's event time. Returns how many changed."""
         async with self.lock:
-            return await self._retrying(self._finalize_idle, partition)
+            t0 = time.monotonic()
+            try:
+                return await self._retrying(self._finalize_idle, partition)
+            finally:
+                self.busy_s += time.monotonic() - t0
 
     async def _finalize_idle(self, partition: int) -> int:
         now = time.time()
-        cids = await self.store.idle_since(partition, now - self.s.idle_finalize_s)
+        clock = self.clocks.get(partition)
+        if clock is None:
+            # Nothing read from this partition yet (just started, or just assigned): start from
+            # the newest utterance its previous owner stored, and advance from now.
+            newest = await self.store.newest_open(partition)
+            if newest is None:
+                return 0  # no open conversation in this partition
+            clock = self.clocks[partition] = PartitionClock(newest, now, self.busy_s)
+        event_now = clock.now(now, self.busy_s)
+        flush = await self.store.idle_since(partition, event_now - self.s.idle_finalize_s)
+        abandon = await self.store.open_since(partition, event_now - self.s.abandon_after_s)
+        cids = list(dict.fromkeys(abandon + flush))
         if not cids:
             return 0
         convs = await self.store.load(cids)
-        outcome = Outcome()
-        done: dict[str, Conversation] = {}
-        for cid, conv in convs.items():
-            if conv is not None and not conv.ended:
-                done[cid] = end_conversation(self.cfg, cid, conv, now, outcome, ended_by="idle")
+        changed, outcome = on_idle(self.cfg, convs, set(abandon), now)
         await self._publish(outcome, [])
-        await self.store.save(done, {c: partition for c in done})
-        await self.store.forget_idle(partition, [c for c in cids if c not in done])
-        self.metrics.idle_finalized.inc(len(done))
-        return len(done)
+        await self.store.save(changed, {c: partition for c in changed})
+        # States that expired (or ended meanwhile) leave the timer's sets.
+        await self.store.forget_idle(partition, [c for c in cids if convs.get(c) is None or convs[c].ended])
+        flushed = sum(1 for c in changed.values() if not c.ended)
+        self.metrics.idle_finalized.inc(flushed)
+        if changed:
+            log.info("partition %s: %d conversation(s) flushed after a pause, %d abandoned", partition, flushed,
+                     len(changed) - flushed)
+        return len(changed)
 
     async def _publish(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
         """Queue every record in order (per-key order on the topics = order of the events), then
@@ -200,6 +244,12 @@ class BatchProcessor:
             "value_b64": base64.b64encode(value or b"").decode(),
             "ts_received": now,
         }
+
+
+def _event_ts(message: tuple, default: float) -> float:
+    """The Kafka message timestamp (unix seconds) of a (key, value, partition, offset[, ts]) tuple."""
+    ts = message[4] if len(message) > 4 else None
+    return float(ts) if ts is not None and ts > 0 else default
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
@@ -272,7 +322,8 @@ def build_app(settings: Settings, scorer):
     @app.agent(source, concurrency=1)
     async def monitor(stream):
         async for batch in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000.0):
-            msgs = [(e.message.key, e.message.value, e.message.partition, e.message.offset) for e in batch]
+            msgs = [(e.message.key, e.message.value, e.message.partition, e.message.offset, e.message.timestamp)
+                    for e in batch]
             try:
                 await processor.process(msgs)
             except Exception:
@@ -284,6 +335,7 @@ def build_app(settings: Settings, scorer):
     @app.timer(interval=max(0.25, settings.idle_finalize_s / 4))
     async def finalize_idle() -> None:
         assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic}
+        processor.owned(assigned)
         for p in sorted(assigned):
             await processor.finalize_idle(p)
 

@@ -136,3 +136,77 @@ def test_state_size_stops_growing_once_the_caps_are_reached(scorer, monkeypatch)
     import json
 
     assert len(json.dumps(conv.monitor.trajectory.to_dict())) < 30 * MAX_TRAJECTORY
+
+
+def test_idle_flush_keeps_the_conversation_open_and_its_context(scorer):
+    """A pause flushes the pending utterances; the conversation goes on with the same context:
+    the same final scores as without the pause for every utterance the flush did not cut short,
+    one final per utterance, nothing revised after its final."""
+    from stream.logic import on_idle
+
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    items = [utt("c", i) for i in range(6)]
+    straight, out_straight = run(scorer, {"c": None}, items + [End("c", None)])
+    convs, out1 = run(scorer, {"c": None}, items[:3])
+    convs, flushed = on_idle(cfg, convs, set(), now=1500.0)
+    assert not convs["c"].ended and not convs["c"].pending and not flushed.summaries
+    assert finals(flushed.events) == [("c", 1), ("c", 2)]
+    convs, out2 = run(scorer, convs, items[3:] + [End("c", None)])
+    events = out1.events + flushed.events + out2.events
+    assert sorted(finals(events)) == [("c", i) for i in range(6)]
+    final_seq = set()
+    for e in events:
+        assert e["seq"] not in final_seq, e  # nothing about an utterance after its final
+        if e["status"] == "final":
+            final_seq.add(e["seq"])
+    want = {e["seq"]: e["scores"] for e in out_straight.events if e["status"] == "final"}
+    got = {e["seq"]: e["scores"] for e in events if e["status"] == "final"}
+    for seq in (0, 3, 4, 5):  # not cut short by the flush: the same as an uninterrupted conversation
+        assert got[seq] == pytest.approx(want[seq], abs=1e-5)
+    assert [s["ended_by"] for s in out2.summaries] == ["end"]
+
+
+def test_abandonment_ends_with_a_summary_and_later_utterances_are_rejected(scorer):
+    from stream.logic import Conversation, on_idle
+
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    convs, _ = run(scorer, {"c": None}, [utt("c", 0), utt("c", 1)])
+    convs, out = on_idle(cfg, convs, {"c"}, now=5000.0)
+    assert convs["c"].ended and convs["c"].ended_by == "abandoned"
+    assert [s["ended_by"] for s in out.summaries] == ["abandoned"] and sorted(finals(out.events)) == [("c", 0), ("c", 1)]
+    assert Conversation.from_bytes(convs["c"].to_bytes()).ended_by == "abandoned"  # the codec keeps it
+    _, later = run(scorer, convs, [utt("c", 2)])
+    assert [(i, r.error) for i, r in later.rejected] == [(0, "conversation_ended")]
+    assert "abandoned" in later.rejected[0][1].reason
+
+
+def test_event_time_is_stored_per_conversation(scorer):
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    items = [utt("c", 0), utt("c", 1)]
+    vecs = scorer.encode([x.text for x in items])
+    convs, _ = step(cfg, scorer.step, {"c": None}, items, vecs, 1000.0, event_ts=[50.0, 60.0])
+    assert convs["c"].last_event_ts == 60.0 and convs["c"].last_activity == 1000.0
+
+
+def test_partition_clock_follows_event_time_and_only_idle_wall_time():
+    from stream.logic import PartitionClock
+
+    clock = PartitionClock(100.0, wall_at=1000.0, busy_at=0.0)
+    # catching up on a backlog: the worker is busy the whole time, event time is the watermark
+    assert clock.now(wall=1060.0, busy=60.0) == 100.0
+    clock = clock.advance(105.0, wall=1060.0, busy=60.0)
+    assert clock.now(wall=1060.5, busy=60.5) == 105.0
+    # caught up, nothing more arrives: event time advances with the time spent waiting for input
+    assert clock.now(wall=1090.0, busy=60.0) == pytest.approx(135.0)
+    # an older timestamp (another producer's clock) does not move it back
+    assert clock.advance(90.0, wall=1090.0, busy=60.0).watermark == 105.0
+
+
+def test_settings_need_an_abandonment_timeout_longer_than_the_idle_timeout():
+    from pydantic import ValidationError
+
+    from stream.settings import Settings
+
+    assert Settings().abandon_after_s == 1800.0
+    with pytest.raises(ValidationError, match="ABANDON_AFTER_S"):
+        Settings(idle_finalize_s=60, abandon_after_s=30)

@@ -142,14 +142,19 @@ def test_bad_input_goes_to_the_dlq_and_the_worker_goes_on(stack, worker):
     assert sum(1 for e in events if e["conversation_id"] == "dlq-ok" and e["seq"] == 1 and e["status"] == "provisional") == 1
 
 
-def test_idle_conversation_is_finalised(stack, worker):
+def test_idle_conversation_is_flushed_and_stays_open(stack, worker):
     names, w = worker
-    conv = conversation("idle-1", 4)  # no end message
-    run(produce(stack.bootstrap, names["utterances"], conv))
+    conv = conversation("idle-1", 5)
+    run(produce(stack.bootstrap, names["utterances"], conv[:4]))  # then a pause: no end message
     events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {"idle-1"})) >= 4, timeout_s=60))
     assert sorted(finals_of(events, {"idle-1"})) == [("idle-1", i) for i in range(4)], w.tail()
+    # the pause did not end it: the next utterance is scored, the end message brings the summary
+    run(produce(stack.bootstrap, names["utterances"], conv[4:] + [end("idle-1")]))
+    events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {"idle-1"})) >= 5, timeout_s=60))
+    finals = finals_of(events, {"idle-1"})
+    assert sorted(finals) == [("idle-1", i) for i in range(5)] and all(len(v) == 1 for v in finals.values()), w.tail()
     summaries = run(collect(stack.bootstrap, names["summaries"], lambda r: any(x["conversation_id"] == "idle-1" for x in r)))
-    assert [x["ended_by"] for x in summaries if x["conversation_id"] == "idle-1"] == ["idle"]
+    assert [x["ended_by"] for x in summaries if x["conversation_id"] == "idle-1"] == ["end"]
 
 
 def test_killed_worker_is_continued_by_another_with_the_same_results(stack, tiny_artifact, tmp_path):
