@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # ---- input limits and privacy -----------------------------------------------------
     max_text_chars: int = Field(4000, ge=1, description="longer texts go to the DLQ")
     max_message_bytes: int = Field(64_000, ge=1, description="larger messages go to the DLQ")
+    # A dead letter carries the original bytes up to this size (then a prefix, the size and a
+    # SHA-256): base64 of a 1 MB message would exceed the producer's 1 MB request limit.
+    dlq_max_bytes: int = Field(65_536, ge=0, le=512_000,
+                               description="original bytes a dead letter carries at most (beyond: a prefix, with the size and SHA-256)")
     echo_text: bool = Field(False, description="copy the utterance text into emotion events (personal data)")
     # ---- local stack (make demo, tests) -----------------------------------------------
     web_port: int = Field(6066, ge=0, description="faust web port of the worker (/metrics, /healthz, /readyz)")

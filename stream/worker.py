@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import hashlib
 import tempfile
 import json
 import logging
@@ -106,16 +107,24 @@ class BatchProcessor:
             log.error("message at partition %s offset %s failed (%s); dead-lettered", partition, offset, type(exc).__name__)
             log.debug("traceback of the dead-lettered failure", exc_info=True)
             why = Rejected("internal_error", f"processing failed with {type(exc).__name__}; the message is kept for inspection")
-            await self._retrying(self._publish, Outcome(), [self._dlq_record(why, key, value, partition, offset, time.time())])
+            try:
+                await self._retrying(self._publish, Outcome(), [self._dlq_record(why, key, value, partition, offset, time.time())])
+            except Exception as again:  # noqa: BLE001 - the last resort must not stop the batch
+                log.error("message at partition %s offset %s could not be dead-lettered either (%s); skipped so the "
+                          "rest of its batch goes on", partition, offset, type(again).__name__)
+                self.metrics.dlq.labels("dlq_publish_failed").inc()
 
     async def _retrying(self, fn, *args):
         delay = 0.1
         while True:
             try:
                 return await fn(*args)
-            except TRANSIENT as exc:
-                self.metrics.retries.labels(type(exc).__name__).inc()
-                log.warning("transient %s (%s); retrying in %.1f s", type(exc).__name__, _short(exc), delay)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not is_transient(exc):
+                    raise
+                name = type(_cause(exc)).__name__
+                self.metrics.retries.labels(name).inc()
+                log.warning("transient %s (%s); retrying in %.1f s", name, _short(_cause(exc)), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -219,9 +228,22 @@ class BatchProcessor:
         records += [(s.alerts_topic, a["conversation_id"].encode(), a) for a in outcome.alerts]
         records += [(s.summaries_topic, m["conversation_id"].encode(), m) for m in outcome.summaries]
         records += [(s.dlq_topic, None, rec) for rec in dlq]
-        acks = [await self.publish(topic, key, _dumps(value)) for topic, key, value in records]
-        if acks:
-            await asyncio.gather(*acks)
+        acks = []
+        for topic, key, value in records:
+            try:
+                acks.append(await self.publish(topic, key, _dumps(value)))
+            except Exception as exc:  # noqa: BLE001 - classified in _rejected_record
+                acks.append(await self._rejected_record(topic, key, value, exc))
+        results = await asyncio.gather(*[a for a in acks if a is not None], return_exceptions=True)
+        retry = []
+        pending = [(rec, a) for rec, a in zip(records, acks) if a is not None]
+        for (rec, _), res in zip(pending, results):
+            if isinstance(res, BaseException):
+                retry.append((rec, res))
+        for (topic, key, value), exc in retry:
+            ack = await self._rejected_record(topic, key, value, exc)
+            if ack is not None:
+                await ack
         for a in outcome.alerts:
             self.metrics.alerts.labels(a["severity"], a["kind"]).inc()
         for m in outcome.summaries:
@@ -233,15 +255,49 @@ class BatchProcessor:
             # The reason only: the bytes may hold transcript text.
             log.warning("dead-lettered a message from partition %s offset %s: %s", rec["partition"], rec["offset"], rec["reason"])
 
+    async def _rejected_record(self, topic: str, key, value: dict[str, Any], exc: BaseException):
+        """A record the producer or the broker refused. Transient trouble and bugs propagate (the
+        batch is retried, or isolated). A record refused for itself (too large, invalid) is never
+        retried as it is: a dead letter goes out again without the original bytes (its size and
+        hash stay); anything else is a `RecordRejected`, which isolates the message that caused it.
+        Returns the ack future of the replacement, or None when nothing more can be sent."""
+        if not is_record_error(exc):
+            raise exc
+        if topic != self.s.dlq_topic:
+            raise RecordRejected(f"the broker or producer refused a {topic} record ({type(_cause(exc)).__name__})") from exc
+        if value.get("value_b64") == "" and not value.get("key_b64"):
+            log.error("a dead letter from partition %s offset %s was refused even without its bytes (%s); skipped",
+                      value.get("partition"), value.get("offset"), type(_cause(exc)).__name__)
+            self.metrics.dlq.labels("dlq_publish_failed").inc()
+            return None
+        log.warning("a dead letter from partition %s offset %s was refused (%s); sending it without the original bytes",
+                    value.get("partition"), value.get("offset"), type(_cause(exc)).__name__)
+        slim = {**value, "key_b64": None, "key_truncated": value.get("key_b64") is not None or value.get("key_truncated", False),
+                "value_b64": "", "value_truncated": True,
+                "reason": value["reason"] + " (the dead letter was too large for the broker: bytes left out)"}
+        try:
+            return await self.publish(topic, None, _dumps(slim))
+        except Exception as again:  # noqa: BLE001
+            return await self._rejected_record(topic, None, slim, again)
+
     def _dlq_record(self, why: Rejected, key, value, partition, offset, now) -> dict[str, Any]:
+        """The dead letter: the original bytes up to `dlq_max_bytes` (a prefix beyond that: a
+        1 MB message must not make a record the producer or broker refuses), with the original
+        size and SHA-256 so the message can still be identified."""
+        cap = self.s.dlq_max_bytes
+        raw = value or b""
         return {
             "reason": why.reason,
             "error": why.error,
             "topic": self.s.utterances_topic,
             "partition": partition,
             "offset": offset,
-            "key_b64": base64.b64encode(key).decode() if key is not None else None,
-            "value_b64": base64.b64encode(value or b"").decode(),
+            "key_b64": base64.b64encode(key[:cap]).decode() if key is not None else None,
+            "key_truncated": key is not None and len(key) > cap,
+            "value_b64": base64.b64encode(raw[:cap]).decode(),
+            "value_truncated": len(raw) > cap,
+            "value_size": len(raw),
+            "value_sha256": hashlib.sha256(raw).hexdigest(),
             "ts_received": now,
         }
 
@@ -252,6 +308,10 @@ def _event_ts(message: tuple, default: float) -> float:
     return float(ts) if ts is not None and ts > 0 else default
 
 
+class RecordRejected(Exception):
+    """An output record (event, alert, summary) that the producer or broker refused for itself."""
+
+
 def _transient_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions
     from aiokafka.errors import KafkaError
@@ -260,7 +320,36 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
             KafkaError, ConnectionError, asyncio.TimeoutError)
 
 
+def _record_errors() -> tuple[type[BaseException], ...]:
+    from aiokafka import errors as k
+
+    return (k.MessageSizeTooLargeError, k.RecordTooLargeError, k.RecordListTooLargeError, k.InvalidMessageError,
+            k.CorruptRecordException, k.UnsupportedForMessageFormatError, k.InvalidTimestampError)
+
+
 TRANSIENT = _transient_errors()
+RECORD_ERRORS = _record_errors()
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """faust wraps the Kafka client's errors (`ProducerSendError(...) from exc`): the cause decides."""
+    from faust.exceptions import ProducerSendError
+
+    while isinstance(exc, ProducerSendError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def is_record_error(exc: BaseException) -> bool:
+    """The record itself was refused (too large, invalid): retrying it as it is cannot help."""
+    return isinstance(_cause(exc), RECORD_ERRORS)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying the same work: Redis or broker connection trouble, leader moves, timeouts
+    (any Kafka client error except a refused record, wrapped by faust or not)."""
+    cause = _cause(exc)
+    return isinstance(cause, TRANSIENT) and not isinstance(cause, RECORD_ERRORS)
 
 
 def _short(exc: BaseException) -> str:

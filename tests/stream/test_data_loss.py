@@ -5,6 +5,8 @@ Real broker, real redis-server, real worker processes (tiny model); bounded in t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,49 @@ def test_a_silent_conversation_is_abandoned_with_its_summary(stack, worker):
     run(produce(stack.bootstrap, names["utterances"], conv[3:]))
     dlq = run(collect(stack.bootstrap, names["dlq"], lambda r: any(base64_key(x) == cid for x in r), 20))
     assert [x["error"] for x in dlq if base64_key(x) == cid] == ["conversation_ended"]
+
+
+async def _produce_together(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    """Queue every message before waiting for any ack: they reach the worker in one fetch (one batch)."""
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=50,
+                         max_request_size=4 * 2**20)
+    await p.start()
+    try:
+        futures = [await p.send(topic, value, key=key) for key, value in messages]
+        for f in futures:
+            await f
+    finally:
+        await p.stop()
+
+
+def test_an_oversized_message_does_not_take_its_batch_with_it(stack, worker):
+    """A 1 MB value between valid utterances: the broker takes it, the worker dead-letters it with a
+    capped record (prefix, size, SHA-256) and every valid utterance around it gets its events."""
+    import base64
+    import hashlib
+    import time
+
+    names, w = worker
+    cid = "big-1"
+    conv = conversation(cid, 4)
+    big = json.dumps({"conversation_id": cid, "seq": 99, "speaker": "x", "text": "y" * 1_000_000}).encode()
+    valid = [json.dumps({**m, "ts": time.time()}).encode() for m in conv]
+    msgs = [(cid.encode(), v) for v in valid[:2]] + [(cid.encode(), big)] + [(cid.encode(), v) for v in valid[2:]]
+    msgs.append((cid.encode(), json.dumps(end(cid)).encode()))
+    run(_produce_together(stack.bootstrap, names["utterances"], msgs))
+    events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {cid})) >= 4, 40))
+    finals = finals_of(events, {cid})
+    assert sorted(finals) == [(cid, i) for i in range(4)] and all(len(v) == 1 for v in finals.values()), w.tail(60)
+    dlq = run(collect(stack.bootstrap, names["dlq"], lambda r: any(base64_key(x) == cid for x in r), 20))
+    mine = [x for x in dlq if base64_key(x) == cid]
+    assert [x["error"] for x in mine] == ["message_too_large"], w.tail(60)
+    rec = mine[0]
+    validate_event(rec, "dlq")
+    assert rec["value_truncated"] is True and rec["value_size"] == len(big)
+    assert rec["value_sha256"] == hashlib.sha256(big).hexdigest()
+    prefix = base64.b64decode(rec["value_b64"])
+    assert 0 < len(prefix) < len(big) and big.startswith(prefix)
+    assert len(json.dumps(rec)) < 200_000  # far below the producer's 1 MB request limit
+    assert w.proc.poll() is None, w.tail()
