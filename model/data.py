@@ -1,7 +1,9 @@
 """Loaders for MELD (CSV), EmoryNLP (JSON) and the Friends transcripts (the SI corpus).
 
 Everything is read in place from a data directory (never copied into the project). Loaders
-return plain `Dialogue` objects; labels are names, mapped to indices by the caller.
+return plain `Dialogue` objects; labels are names, mapped to indices by the caller. Utterance
+text is kept as the file spells it: the encoder's input path normalises it (model/text.py), the
+same way for training, evaluation and the worker.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from model.text import normalize_text
 
 MELD_LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 EMORYNLP_LABELS = ("Neutral", "Joyful", "Peaceful", "Powerful", "Scared", "Mad", "Sad")
@@ -54,15 +56,6 @@ def default_data_dir() -> Path:
     return Path("../shared/data")
 
 
-_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": " - ", "\u2013": "-", "\u0092": "'", "\u0085": "..."})
-
-
-def normalize_text(text: str) -> str:
-    """One spelling for quotes and dashes (MELD mixes curly and straight), NFKC, squeezed spaces."""
-    text = unicodedata.normalize("NFKC", text.translate(_QUOTES))
-    return re.sub(r"\s+", " ", text).strip()
-
-
 def is_group_speaker(name: str) -> bool:
     n = name.strip().lower()
     return n in {"all", "#all#", "everyone", "both"} or " and " in n or "," in n or n.startswith("#")
@@ -97,7 +90,7 @@ def load_meld(path: str | Path) -> list[Dialogue]:
             raise ValueError(f"{path}: not a MELD CSV, missing columns {sorted(missing)}")
         for row in reader:
             emotion = (row.get("Emotion") or "").strip().lower() or None
-            utt = Utterance(normalize_text(row["Utterance"]), normalize_text(row["Speaker"]), emotion)
+            utt = Utterance(row["Utterance"], normalize_text(row["Speaker"]), emotion)
             groups.setdefault(row["Dialogue_ID"].strip(), []).append((int(row["Utterance_ID"]), utt))
     # Utterance_IDs have gaps in some dialogues: order by id, keep every row.
     return [Dialogue(f"meld-{d}", tuple(u for _, u in sorted(rows, key=lambda r: r[0]))) for d, rows in groups.items()]
@@ -115,7 +108,7 @@ def load_emorynlp(path: str | Path) -> list[Dialogue]:
             for u in scene["utterances"]:
                 speakers = u.get("speakers") or []
                 speaker = speakers[0] if len(speakers) == 1 else " and ".join(speakers) or "unknown"
-                utts.append(Utterance(normalize_text(u["transcript"]), normalize_text(speaker), u.get("emotion")))
+                utts.append(Utterance(u["transcript"], normalize_text(speaker), u.get("emotion")))
             if utts:
                 dialogues.append(Dialogue(f"emorynlp-{scene['scene_id']}", tuple(utts)))
     return dialogues
@@ -149,7 +142,7 @@ def load_friends(path: str | Path, exclude_texts: Iterable[str] = ()) -> list[Di
             if row.get("is_scene_direction") or not row.get("text"):
                 continue
             speaker = row.get("speaker") or "unknown group"
-            scenes.setdefault(row["scene_id"], []).append(Utterance(normalize_text(row["text"]), speaker))
+            scenes.setdefault(row["scene_id"], []).append(Utterance(row["text"], speaker))
     out = []
     for sid, utts in scenes.items():
         if excluded and sum(u.text.lower() in excluded for u in utts) >= 2:

@@ -28,12 +28,14 @@ def views(lookahead: int, window: int) -> list[tuple[int | None, int | None]]:
 
 
 def teacher_probs(
-    teacher_dirs: Sequence[str | Path], tokenizer, dialogues: Sequence[Dialogue], lookahead: int, window: int,
+    teacher_dirs: Sequence[str | Path], dialogues: Sequence[Dialogue], lookahead: int, window: int,
     temperature: float, device: torch.device | str = "cpu", progress=None,
 ) -> list[np.ndarray]:
     """Per dialogue an array (n_utterances, L + 2, E): the teachers' mean softened probabilities.
-    `progress(k)` is called after the k-th teacher."""
+    Each teacher reads the text with its own base encoder's tokenizer (an MPNet teacher can teach a
+    MiniLM student). `progress(k)` is called after the k-th teacher."""
     from model.artifact import load_artifact
+    from model.encoders import load_tokenizer
 
     named = {str(k): v for k, v in enumerate(views(lookahead, window))}
     total = 0.0
@@ -42,7 +44,7 @@ def teacher_probs(
         if (teacher.cfg.lookahead, teacher.cfg.window) != (lookahead, window):
             raise ValueError(f"teacher {path}: lookahead/window {teacher.cfg.lookahead}/{teacher.cfg.window}, the student "
                              f"trains with {lookahead}/{window}; train the teachers with the student's recipe")
-        probs = score_views(teacher, tokenizer, dialogues, named, temperature=temperature)
+        probs = score_views(teacher, load_tokenizer(teacher.cfg), dialogues, named, temperature=temperature)
         total = total + np.stack([probs[name] for name in named], axis=1)  # (N, views, E) in dialogue order
         del teacher
         if progress is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,11 @@ def metrics_from_probs(gold: np.ndarray, probs: dict[str, np.ndarray], labels: S
     return out
 
 
-def evaluate(model, tokenizer, dialogues: Sequence[Dialogue], modes: Sequence[str] = tuple(MODES)) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+def evaluate(model, tokenizer, dialogues: Sequence[Dialogue], modes: Sequence[str] = tuple(MODES),
+             encode: Callable | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
     labels = model.cfg.emotion_labels
     gold = gold_labels(dialogues, labels)
-    probs = score_dialogues(model, tokenizer, dialogues, modes)
+    probs = score_dialogues(model, tokenizer, dialogues, modes, encode=encode)
     return metrics_from_probs(gold, probs, labels), probs, gold
 
 

@@ -23,7 +23,7 @@ import torch
 from model.artifact import load_artifact
 from model.backends import BackendUnavailable, build_encoder, tensorrt_available
 from model.inference import encode_texts, tokenize
-from model.modeling import load_tokenizer
+from model.encoders import load_tokenizer
 from model.streaming import DialogueState, step
 
 BATCHES = (1, 8, 32, 64, 128, 256)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dev = torch.device("cuda")
     model, _ = load_artifact(args.model, dev)
-    tok = load_tokenizer()
+    tok = load_tokenizer(model.cfg)
     enc = model.encoder.eval()
     backends = ["eager", "compile"] + (["tensorrt"] if tensorrt_available() else [])
     if not tensorrt_available():

@@ -9,6 +9,7 @@ import torch
 
 from model.data import Dialogue, party_ids
 from model.modeling import EmotionSIModel
+from model.text import encoder_input, normalize_text
 
 MODES = {
     # name: (lookahead, window) given the model's configured L and W; None = unbounded
@@ -20,7 +21,7 @@ MODES = {
 
 def tokenize(tokenizer, texts: Sequence[str], max_tokens: int, device: torch.device | str = "cpu"):
     # Padding to the longest text of the batch, not to max_tokens: most utterances are short.
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+    enc = tokenizer([normalize_text(t) for t in texts], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
@@ -53,7 +54,7 @@ def encode_bucketed(model: EmotionSIModel, tokenizer, texts: Sequence[str], batc
     dev = next(model.parameters()).device
     encode_fn = encode_fn if encode_fn is not None else model.encode  # a compiled module has no truth value
     # Tokenise once, unpadded; each group is padded to its own longest member.
-    token_ids = tokenizer(list(texts), truncation=True, max_length=model.cfg.max_tokens)["input_ids"]
+    token_ids = encoder_input(tokenizer, texts, model.cfg.max_tokens)
     out = None
     for idx in length_buckets([len(t) for t in token_ids], batch_size, token_budget):
         enc = tokenizer.pad({"input_ids": [token_ids[j] for j in idx]}, padding=True, return_tensors="pt")
@@ -88,15 +89,17 @@ def pad_dialogues(vectors: torch.Tensor, dialogues: Sequence[Dialogue], num_part
 @torch.inference_mode()
 def score_views(
     model: EmotionSIModel, tokenizer, dialogues: Sequence[Dialogue], views: dict[str, tuple[int | None, int | None]],
-    batch_dialogues: int = 32, temperature: float = 1.0,
+    batch_dialogues: int = 32, temperature: float = 1.0, encode=None,
 ) -> dict[str, np.ndarray]:
     """Emotion probabilities (N_utterances, E) per view (name: (lookahead, window), None = unbounded),
-    utterances in dialogue order; softmax at `temperature` (distillation softens with it)."""
+    utterances in dialogue order; softmax at `temperature` (distillation softens with it).
+    `encode(texts) -> (N, D)` replaces the model's encoder (training scores dev through its cache)."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {m: [] for m in views}
     for i in range(0, len(dialogues), batch_dialogues):
         chunk = dialogues[i : i + batch_dialogues]
-        vecs = encode_texts(model, tokenizer, [u.text for d in chunk for u in d.utterances])
+        texts = [u.text for d in chunk for u in d.utterances]
+        vecs = encode(texts) if encode is not None else encode_texts(model, tokenizer, texts)
         u, parties, lengths = pad_dialogues(vecs, chunk, model.cfg.num_parties)
         for m, (la, win) in views.items():
             logits, _ = model.score_dialogues(u, parties, lengths, la, win)
@@ -105,7 +108,8 @@ def score_views(
 
 
 def score_dialogues(
-    model: EmotionSIModel, tokenizer, dialogues: Sequence[Dialogue], modes: Sequence[str] = tuple(MODES), batch_dialogues: int = 32
+    model: EmotionSIModel, tokenizer, dialogues: Sequence[Dialogue], modes: Sequence[str] = tuple(MODES), batch_dialogues: int = 32,
+    encode=None,
 ) -> dict[str, np.ndarray]:
     """Emotion probabilities (N_utterances, E) per mode, utterances in dialogue order."""
-    return score_views(model, tokenizer, dialogues, {m: MODES[m](model.cfg) for m in modes}, batch_dialogues)
+    return score_views(model, tokenizer, dialogues, {m: MODES[m](model.cfg) for m in modes}, batch_dialogues, encode=encode)

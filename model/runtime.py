@@ -14,7 +14,7 @@ import torch
 
 from model.artifact import load_artifact
 from model.inference import encode_texts
-from model.modeling import load_tokenizer
+from model.encoders import load_tokenizer
 from model.streaming import DialogueState, Scored, step
 
 
@@ -52,7 +52,7 @@ class Scorer:
         # 8-16, 229 at 32, 197 at 64, where eager PyTorch peaks at 64 with 249): a worker batch of
         # 64 is encoded in chunks of at most 32.
         self.encode_batch = min(self.max_batch, 32) if self.backend == "onnx" else self.max_batch
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = load_tokenizer(model.cfg)
         self.labels = model.cfg.emotion_labels
         self.model_id = f"{config['name']}@{config['version']}"
 

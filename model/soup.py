@@ -61,11 +61,11 @@ def average_weights(paths: Sequence[str | Path]) -> tuple[dict[str, Any], dict[s
 def make_soup(paths: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Write the averaged artifact (stored as float16, like every artifact) to out_dir."""
     from model.config import ModelConfig
-    from model.modeling import EmotionSIModel
+    from model.encoders import build_model
 
     config, state = average_weights(paths)
     cfg = ModelConfig.from_dict(config["model"])
-    model = EmotionSIModel(cfg)
+    model = build_model(cfg, pretrained=False)
     model.load_state_dict(state, strict=False)  # the frozen encoder part comes from the package
     meta = dict(config.get("meta") or {})
     meta.pop("best_epoch", None)
@@ -89,7 +89,7 @@ def run_soup(args) -> int:
     from model.artifact import load_artifact
     from model.data import default_data_dir, load_dataset, split_path
     from model.evaluate import evaluate, metrics_from_probs, plot_confusion
-    from model.modeling import load_tokenizer
+    from model.encoders import load_tokenizer
 
     runs = [Path(r) for r in args.runs]
     out = make_soup(runs, args.out)
@@ -99,9 +99,9 @@ def run_soup(args) -> int:
         raise SystemExit("the runs' config.json names no dataset: pass --dataset meld|emorynlp")
     dev_file = args.data or split_path(args.data_dir or default_data_dir(), dataset, "dev")
     dialogues = load_dataset(dataset, dev_file)
-    tokenizer = load_tokenizer()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_artifact(out, device)
+    tokenizer = load_tokenizer(model.cfg)
     metrics, probs, gold = evaluate(model, tokenizer, dialogues)
     (out / "dev_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion(gold, probs["final"].argmax(-1), model.cfg.emotion_labels, out / "confusion_dev_final.png",

@@ -26,7 +26,8 @@ from model.config import ModelConfig, TrainConfig
 from model.distill import distillation_loss, teacher_probs
 from model.evaluate import evaluate, plot_confusion
 from model.inference import encode_bucketed, pad_dialogues
-from model.modeling import EmotionSIModel, emotion_si_loss, load_tokenizer
+from model.encoders import build_model, load_tokenizer
+from model.modeling import emotion_si_loss
 
 MODEL_VERSION = "0.1.0"
 
@@ -71,8 +72,8 @@ class Trainer:
             self.si_set = D.chunk(scenes, cfg.si_chunk)
         self.label_index = {n.lower(): i for i, n in enumerate(labels)}
         self.speaker_index = {n: i for i, n in enumerate(D.SPEAKERS)}
-        self.tokenizer = load_tokenizer()
-        self.model = EmotionSIModel(self.model_cfg).to(self.device)
+        self.tokenizer = load_tokenizer(self.model_cfg)
+        self.model = build_model(self.model_cfg).to(self.device)
         if cfg.data_seed is not None:
             seed_everything(cfg.data_seed)  # the initial weights above depend on `seed` alone
         enc = [p for n, p in self.model.named_parameters() if n.startswith("encoder.") and p.requires_grad]
@@ -87,6 +88,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
         )
+        self._setup_cache()
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.class_weights = None
         if cfg.class_weighting:
@@ -103,7 +105,7 @@ class Trainer:
                 def done(teachers: int) -> None:
                     bar.update(task, completed=teachers)
 
-                probs = teacher_probs(cfg.teachers, self.tokenizer, self.train_set, self.model_cfg.lookahead,
+                probs = teacher_probs(cfg.teachers, self.train_set, self.model_cfg.lookahead,
                                       self.model_cfg.window, cfg.distill_temperature, self.device, progress=done)
             self.teacher = {id(d): torch.as_tensor(p, device=self.device) for d, p in zip(self.train_set, probs)}
         self._log(
@@ -111,6 +113,24 @@ class Trainer:
             f"device: {self.device}, trainable params: {sum(p.numel() for p in self.model.parameters() if p.requires_grad):,}"
         )
         return self
+
+    def _setup_cache(self) -> None:
+        """The frozen lower layers' hidden states for every text of train, dev and the SI pool (cache_hidden)."""
+        self.cache = None
+        if not self.cfg.cache_hidden:
+            return
+        from rich.progress import Progress
+
+        from model.hidden_cache import build_cache, cache_path
+
+        texts = [u.text for ds in (self.train_set, self.dev_set, self.si_set) for d in ds for u in d.utterances]
+        path = cache_path(self.model, texts, self.model_cfg.max_tokens)
+        verb = "loading" if path.exists() else "computing"
+        with Progress(disable=self.quiet) as bar:
+            task = bar.add_task(f"{verb} the frozen layers' hidden states ({len(set(texts)):,} texts)", total=len(set(texts)))
+            self.cache = build_cache(self.model, self.tokenizer, texts, 64, path,
+                                     progress=lambda done, total: bar.update(task, completed=done))
+        self._log(f"hidden-state cache: {path} ({self.cache.states.numel() * 2 / 1e9:.2f} GB)")
 
     # ------------------------------------------------------------------------------
     def _targets(self, dialogues: list[D.Dialogue], with_emotion: bool) -> tuple[list[int], list[int]]:
@@ -145,7 +165,10 @@ class Trainer:
         texts = [u.text for d in dialogues for u in d.utterances]
         # bf16 for the transformer on CUDA only; the GRUs and heads stay in float32.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            vecs = encode_bucketed(model, self.tokenizer, texts, self.encode_batch)
+            if self.cache is not None:
+                vecs = self.cache.encode(model, texts, self.encode_batch)
+            else:
+                vecs = encode_bucketed(model, self.tokenizer, texts, self.encode_batch)
         u, parties, lengths = pad_dialogues(vecs.float(), dialogues, self.model_cfg.num_parties)
         la, win, choice = self._truncation(len(texts))
         emo_logits, si_logits = model.score_dialogues(u, parties, lengths, la, win)
@@ -237,8 +260,9 @@ class Trainer:
             self.model.load_state_dict(best_state, strict=False)
         return self.finish()
 
-    def evaluate(self) -> dict[str, Any]:
-        metrics, self._dev_probs, self._dev_gold = evaluate(self.model, self.tokenizer, self.dev_set)
+    def evaluate(self, through_cache: bool = True) -> dict[str, Any]:
+        encode = self.cache.encode_fn(self.model) if (self.cache is not None and through_cache) else None
+        metrics, self._dev_probs, self._dev_gold = evaluate(self.model, self.tokenizer, self.dev_set, encode=encode)
         return metrics
 
     # ------------------------------------------------------------------------------
@@ -246,7 +270,7 @@ class Trainer:
         """Score the selected weights on dev (as stored: float16) and write the artifact."""
         result: dict[str, Any] = {"best_epoch": getattr(self, "best_epoch", None), "history": self.history}
         if self.out_dir is None:
-            result["dev"] = self.evaluate()
+            result["dev"] = self.evaluate(through_cache=False)
             return result
         meta = {
             "dataset": self.cfg.dataset,
@@ -259,7 +283,7 @@ class Trainer:
         from model.artifact import load_artifact
 
         self.model, _ = load_artifact(path, self.device)
-        dev = self.evaluate()
+        dev = self.evaluate(through_cache=False)  # the whole encoder, as a served model computes it
         result["dev"] = dev
         (path / "dev_metrics.json").write_text(json.dumps(dev, indent=2) + "\n")
         (path / "training_history.json").write_text(json.dumps(self.history, indent=2) + "\n")

@@ -30,9 +30,9 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from model.modeling import load_tokenizer
+    from model.encoders import load_tokenizer
 
-    return load_tokenizer()
+    return load_tokenizer(tiny_config())
 
 
 MELD_ROWS = [

@@ -1,12 +1,15 @@
 from model import data as D
+from model.text import normalize_text
 from tests.conftest import write_emorynlp_json, write_friends_jsonl, write_meld_csv
 
 
-def test_meld_loader_groups_orders_and_normalises(tmp_path):
+def test_meld_loader_groups_orders_and_keeps_the_files_spelling(tmp_path):
     dls = D.load_meld(write_meld_csv(tmp_path / "m.csv"))
     assert [len(d) for d in dls] == [4, 3, 2]
     first = dls[0].utterances
-    assert first[0].text == "also I was the point person on my company's transition."  # curly -> straight
+    # The text as the file spells it: the encoder's input path normalises (model/text.py).
+    assert first[0].text == "also I was the point person on my company\u2019s transition."
+    assert normalize_text(first[0].text) == "also I was the point person on my company's transition."
     assert first[3].speaker == "All" and first[3].emotion == "surprise"  # kept despite the id gap
 
 
@@ -14,7 +17,7 @@ def test_emorynlp_loader_joins_multiple_speakers(tmp_path):
     dls = D.load_emorynlp(write_emorynlp_json(tmp_path / "e.json"))
     assert [len(d) for d in dls] == [3, 1]
     assert dls[0].utterances[1].speaker == "Ross Geller and Joey Tribbiani"
-    assert dls[0].utterances[2].text == "I'm so mad at you."
+    assert normalize_text(dls[0].utterances[2].text) == "I'm so mad at you."
     assert {u.emotion for d in dls for u in d.utterances} <= set(D.EMORYNLP_LABELS)
 
 

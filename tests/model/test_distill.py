@@ -19,7 +19,7 @@ def test_teacher_probs_are_the_mean_of_the_teachers_views(data_dir, tmp_path, to
     a, b = _train(data_dir, tmp_path, "a", 7), _train(data_dir, tmp_path, "b", 8)
     dialogues = load_meld(data_dir / "meld" / "train_sent_emo.csv")
     cfg = load_artifact(a)[0].cfg
-    probs = teacher_probs([a, b], tokenizer, dialogues, cfg.lookahead, cfg.window, temperature=2.0)
+    probs = teacher_probs([a, b], dialogues, cfg.lookahead, cfg.window, temperature=2.0)
     assert [p.shape for p in probs] == [(len(d), cfg.lookahead + 2, len(cfg.emotion_labels)) for d in dialogues]
     np.testing.assert_allclose(np.concatenate(probs).sum(-1), 1.0, atol=1e-5)
     # The whole-dialogue view (last) of dialogue 0, by hand: mean of the two teachers' softened offline probabilities.

@@ -12,7 +12,7 @@ import pytest
 from model.artifact import load_artifact
 from model.data import Dialogue, Utterance
 from model.inference import score_dialogues
-from model.modeling import load_tokenizer
+from model.encoders import load_tokenizer
 from stream.contract import validate_event
 from stream.localstack import create_topics
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
@@ -50,7 +50,7 @@ def end(cid: str) -> dict:
 def offline_scores(artifact, convs: list[list[dict]]) -> dict[str, dict[tuple[str, int], np.ndarray]]:
     model, _ = load_artifact(artifact)
     dialogues = [Dialogue(c[0]["conversation_id"], tuple(Utterance(m["text"], m["speaker"], None) for m in c)) for c in convs]
-    probs = score_dialogues(model, load_tokenizer(), dialogues, modes=("final", "provisional"))
+    probs = score_dialogues(model, load_tokenizer(model.cfg), dialogues, modes=("final", "provisional"))
     keys = [(m["conversation_id"], m["seq"]) for c in convs for m in c]
     return {mode: dict(zip(keys, p)) for mode, p in probs.items()}
 
