@@ -19,8 +19,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "transcripts) and write an artifact folder: config.json, labels.json, model.safetensors, dev metrics, "
         "training curves and a dev confusion matrix. Uses CUDA when present.",
     )
-    p.add_argument("--dataset", choices=["meld", "emorynlp"], required=True, help="emotion dataset (its train split trains, its dev split selects)")
+    p.add_argument("--dataset", choices=["meld", "emorynlp", "jsonl"], required=True,
+                   help="emotion dataset (its train split trains, its dev split selects); jsonl = your own labelled "
+                   "conversations, one utterance per line (schema: model/schemas/labelled-utterance.schema.json), with --train/--dev")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with meld/, emorynlp/, friends/ (default: $EMOTION_MONITOR_DATA_DIR or ../shared/data)")
+    p.add_argument("--train", type=Path, default=None, help="training file (instead of the data dir's split; required for jsonl)")
+    p.add_argument("--dev", type=Path, default=None, help="dev file that selects the epoch (instead of the data dir's split; required for jsonl)")
     p.add_argument("--out", type=Path, required=True, help="artifact folder to write")
     p.add_argument("--config", type=Path, default=None, help="recipe TOML (default: model/configs/<dataset>.toml)")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
@@ -42,8 +46,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "confusion-matrix PNG. With --json the last line printed is one JSON object.",
     )
     p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld", help="artifact folder (default: the shipped MELD model)")
-    p.add_argument("--dataset", choices=["meld", "emorynlp"], required=True, help="format of --data")
-    p.add_argument("--data", type=Path, required=True, help="a MELD CSV or an EmoryNLP JSON file")
+    p.add_argument("--dataset", choices=["meld", "emorynlp", "jsonl"], required=True, help="format of --data")
+    p.add_argument("--data", type=Path, required=True, help="a MELD CSV, an EmoryNLP JSON or a labelled JSONL file")
     p.add_argument("--plot", type=Path, default=None, help="confusion-matrix PNG to write (default: confusion_<file>.png here)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run_evaluate)
@@ -153,6 +157,8 @@ def run_train(args: argparse.Namespace) -> int:
             model[k] = _parse_value(v)
         else:
             raise SystemExit(f"--set {k}: not a field of the recipe or the model; see model/config.py")
+    if (args.train is None) != (args.dev is None):
+        raise SystemExit("--train and --dev go together")
     config = args.config or CONFIG_DIR / f"{args.dataset}.toml"
     recipe.update({k: v for k, v in (("seed", args.seed), ("epochs", args.epochs)) if v is not None})
     if args.teacher:
@@ -163,7 +169,12 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_toml(config, model_overrides=model, **recipe)
     if cfg.dataset != args.dataset:
         raise SystemExit(f"{config} is a recipe for {cfg.dataset}, not {args.dataset}")
-    result = Trainer(cfg, args.data_dir or default_data_dir(), args.out).setup().train()
+    data_dir = args.data_dir or (default_data_dir() if cfg.dataset != "jsonl" else None)
+    try:
+        trainer = Trainer(cfg, data_dir, args.out, train_file=args.train, dev_file=args.dev).setup()
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"train: {exc}") from None
+    result = trainer.train()
     dev = result["dev"]
     print(f"dev weighted-F1: offline {dev['weighted_f1_offline']:.2f}  final {dev['weighted_f1_final']:.2f}  "
           f"provisional {dev['weighted_f1_provisional']:.2f}  (best epoch {result['best_epoch']})")
@@ -199,11 +210,43 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data",
+        help="check the training data folder",
+        description="`data check`: which of the expected dataset files are in --data-dir, their rows and SHA-256, "
+        "and where the public datasets come from (their pages and licences). The project never ships them.",
+    )
+    p.add_argument("action", choices=["check"])
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with meld/, emorynlp/, friends/ (default: $EMOTION_MONITOR_DATA_DIR or ../shared/data)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run_data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from model.data import check_data_dir, default_data_dir
+
+    report = check_data_dir(args.data_dir or default_data_dir())
+    print(f"data dir: {report['data_dir']}")
+    for f in report["files"]:
+        if f["present"]:
+            print(f"  ok       {f['path']:<42} {f['rows']:>7} rows  sha256 {f['sha256'][:16]}...")
+        else:
+            print(f"  missing  {f['path']:<42} {f['dataset']}: get it from {f['source']} ({f['licence']})")
+    missing = [f for f in report["files"] if not f["present"]]
+    print(f"{len(report['files']) - len(missing)} of {len(report['files'])} files present; "
+          + ("every dataset can be trained." if not missing else "train only what is complete, or fetch the rest (see above)."))
+    if args.json:
+        print(json.dumps(report))
+    return 0 if not missing else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.cli")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train(sub)
     add_evaluate(sub)
+    add_data(sub)
     add_soup(sub)
     add_export(sub)
     args = parser.parse_args(argv)

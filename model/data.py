@@ -30,6 +30,13 @@ SPLIT_FILES = {
     ("emorynlp", "dev"): "emorynlp/emotion-detection-dev.json",
 }
 FRIENDS_FILE = "friends/friends_transcripts.jsonl"
+# Where each expected file comes from (what `emotion-monitor data check` tells a user who has none).
+SOURCES = {
+    "meld": ("MELD (Poria et al., 2019)", "https://affective-meld.github.io/ (github.com/declare-lab/MELD)", "GPL-3.0"),
+    "emorynlp": ("EmoryNLP emotion detection (Zahiri and Choi, 2018)", "https://github.com/emorynlp/emotion-detection", "Apache-2.0"),
+    "friends": ("Friends transcripts with speakers (character-mining; the `friends` R package)",
+                "https://github.com/emorynlp/character-mining and https://github.com/EmilHvitfeldt/friends", "Apache-2.0 (character-mining) / MIT (R package); transcripts (c) Warner Bros."),
+}
 
 
 @dataclass(frozen=True)
@@ -114,16 +121,118 @@ def load_emorynlp(path: str | Path) -> list[Dialogue]:
     return dialogues
 
 
+class DatasetError(ValueError):
+    pass
+
+
+def load_jsonl(path: str | Path) -> list[Dialogue]:
+    """Labelled conversations of your own, one utterance per line (schemas/labelled-utterance.schema.json):
+    {"conversation_id", "seq", "speaker", "text", "label", optional "role"}; conversations in order of
+    first appearance, utterances by seq. `label` may be null for an unlabelled utterance only when
+    the file is replayed, not trained on (training and evaluation need every label)."""
+    path = _require(Path(path), "JSONL dataset")
+    convs: dict[str, dict[int, Utterance]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{n}: not JSON ({exc.msg}); one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}:{n}: a line must be a JSON object")
+            for key, kind in (("conversation_id", str), ("seq", int), ("speaker", str), ("text", str)):
+                if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                    raise DatasetError(f"{path}:{n}: field {key!r} must be a {kind.__name__} (got {type(row.get(key)).__name__})")
+            label = row.get("label")
+            if label is not None and (not isinstance(label, str) or not label.strip()):
+                raise DatasetError(f"{path}:{n}: field 'label' must be a non-empty string or null")
+            if row["seq"] < 0 or not row["text"].strip() or not row["speaker"].strip():
+                raise DatasetError(f"{path}:{n}: seq must be >= 0, text and speaker non-empty")
+            utts = convs.setdefault(row["conversation_id"], {})
+            if row["seq"] in utts:
+                raise DatasetError(f"{path}:{n}: conversation {row['conversation_id']!r} has seq {row['seq']} twice")
+            utts[row["seq"]] = Utterance(row["text"], normalize_text(row["speaker"]), label.strip() if label else None)
+    if not convs:
+        raise DatasetError(f"{path}: no utterances")
+    return [Dialogue(cid, tuple(u for _, u in sorted(utts.items()))) for cid, utts in convs.items()]
+
+
 def load_dataset(name: str, path: str | Path) -> list[Dialogue]:
     if name == "meld":
         return load_meld(path)
     if name == "emorynlp":
         return load_emorynlp(path)
-    raise ValueError(f"unknown dataset {name!r}: use meld or emorynlp")
+    if name == "jsonl":
+        return load_jsonl(path)
+    raise ValueError(f"unknown dataset {name!r}: use meld, emorynlp or jsonl")
+
+
+def labels_of(dialogues: Iterable[Dialogue]) -> tuple[str, ...]:
+    """The label set of a dataset without a fixed one (jsonl): every label seen, sorted."""
+    labels = sorted({u.emotion for d in dialogues for u in d.utterances if u.emotion is not None}, key=str.lower)
+    if len(labels) < 2:
+        raise DatasetError(f"the training data has {len(labels)} distinct label(s); a classifier needs at least 2")
+    lower = [lab.lower() for lab in labels]
+    if len(set(lower)) != len(lower):
+        raise DatasetError(f"labels differ only in case: {labels}; spell each label one way")
+    return tuple(labels)
+
+
+def speaker_classes(dataset: str, dialogues: Iterable[Dialogue], max_classes: int = 6):
+    """SI classes and the function that maps a speaker to one (None = no single answer).
+
+    MELD and EmoryNLP: the six Friends main characters and "other". Your own data (jsonl): its
+    speakers that appear in at least two conversations, the `max_classes` most frequent, and
+    "other"; ("other",) with no targets when fewer than two such speakers exist, which turns SI off (per-call speaker ids
+    such as "customer-1042" carry no identity to learn).
+    """
+    if dataset in ("meld", "emorynlp"):
+        return SPEAKERS, speaker_class
+    counts: dict[str, int] = {}
+    convs: dict[str, set[str]] = {}
+    for d in dialogues:
+        for u in d.utterances:
+            counts[u.speaker] = counts.get(u.speaker, 0) + 1
+            convs.setdefault(u.speaker, set()).add(d.id)
+    recurring = sorted((s for s in counts if len(convs[s]) >= 2 and not is_group_speaker(s)), key=lambda s: (-counts[s], s))
+    chosen = tuple(recurring[:max_classes])
+    if len(chosen) < 2:
+        return ("other",), lambda name: None
+    known = set(chosen)
+
+    def classify(name: str | None) -> str | None:
+        if not name or is_group_speaker(name):
+            return None
+        return name if name in known else "other"
+
+    return chosen + ("other",), classify
 
 
 def split_path(data_dir: str | Path, dataset: str, split: str) -> Path:
     return Path(data_dir) / SPLIT_FILES[(dataset, split)]
+
+
+def check_data_dir(data_dir: str | Path) -> dict:
+    """Which expected files are present, with their row counts (utterances) and SHA-256."""
+    import hashlib
+
+    data_dir = Path(data_dir)
+    files = [(dataset, rel) for (dataset, _), rel in SPLIT_FILES.items()] + [("friends", FRIENDS_FILE)]
+    out = []
+    for dataset, rel in files:
+        path = data_dir / rel
+        name, source, licence = SOURCES[dataset]
+        entry = {"dataset": dataset, "path": rel, "present": path.exists(), "source": source, "licence": licence, "name": name}
+        if path.exists():
+            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            if dataset == "friends":
+                entry["rows"] = sum(1 for line in open(path, encoding="utf-8") if line.strip())
+            else:
+                entry["rows"] = sum(len(d) for d in load_dataset(dataset, path))
+        out.append(entry)
+    return {"data_dir": str(data_dir), "files": out}
 
 
 def load_friends(path: str | Path, exclude_texts: Iterable[str] = ()) -> list[Dialogue]:

@@ -43,9 +43,13 @@ def pick_device() -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path | None, quiet: bool = False):
+    def __init__(self, cfg: TrainConfig, data_dir: str | Path | None, out_dir: str | Path | None, quiet: bool = False,
+                 train_file: str | Path | None = None, dev_file: str | Path | None = None):
+        """`data_dir` holds meld/, emorynlp/, friends/; `train_file`/`dev_file` replace its splits
+        (required for dataset "jsonl", your own labelled conversations)."""
         self.cfg = cfg
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.train_file, self.dev_file = train_file, dev_file
         self.out_dir = Path(out_dir) if out_dir else None
         self.quiet = quiet
         self.device = pick_device()
@@ -57,21 +61,11 @@ class Trainer:
     def setup(self) -> "Trainer":
         cfg = self.cfg
         seed_everything(cfg.seed)
-        self.train_set = D.load_dataset(cfg.dataset, D.split_path(self.data_dir, cfg.dataset, "train"))
-        self.dev_set = D.load_dataset(cfg.dataset, D.split_path(self.data_dir, cfg.dataset, "dev"))
-        if cfg.max_train_dialogues:
-            self.train_set = self.train_set[: cfg.max_train_dialogues]
-        labels = D.LABELS[cfg.dataset]
-        self.model_cfg = ModelConfig.from_dict({"emotion_labels": labels, "speaker_labels": D.SPEAKERS, **cfg.model_overrides})
-        self.si_set: list[D.Dialogue] = []
-        if cfg.si_weight > 0 and cfg.si_ratio > 0:
-            dev_texts = [u.text for d in self.dev_set for u in d.utterances]
-            scenes = D.load_friends(self.data_dir / D.FRIENDS_FILE, exclude_texts=dev_texts)
-            if cfg.max_si_scenes:
-                scenes = scenes[: cfg.max_si_scenes]
-            self.si_set = D.chunk(scenes, cfg.si_chunk)
-        self.label_index = {n.lower(): i for i, n in enumerate(labels)}
-        self.speaker_index = {n: i for i, n in enumerate(D.SPEAKERS)}
+        self._setup_data()
+        self.model_cfg = ModelConfig.from_dict({"emotion_labels": self.labels, "speaker_labels": self.speaker_labels, **cfg.model_overrides})
+        self._setup_si_corpus()
+        self.label_index = {n.lower(): i for i, n in enumerate(self.labels)}
+        self.speaker_index = {n: i for i, n in enumerate(self.speaker_labels)}
         self.tokenizer = load_tokenizer(self.model_cfg)
         self.model = build_model(self.model_cfg).to(self.device)
         if cfg.data_seed is not None:
@@ -92,7 +86,7 @@ class Trainer:
         self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.class_weights = None
         if cfg.class_weighting:
-            counts = np.bincount([self.label_index[u.emotion.lower()] for d in self.train_set for u in d.utterances], minlength=len(labels))
+            counts = np.bincount([self.label_index[u.emotion.lower()] for d in self.train_set for u in d.utterances], minlength=len(self.labels))
             w = (counts.sum() / np.maximum(counts, 1)) ** 0.5
             self.class_weights = torch.tensor(w / w.mean(), dtype=torch.float32, device=self.device)
         self.teacher: dict[int, torch.Tensor] | None = None
@@ -113,6 +107,44 @@ class Trainer:
             f"device: {self.device}, trainable params: {sum(p.numel() for p in self.model.parameters() if p.requires_grad):,}"
         )
         return self
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        if cfg.dataset == "jsonl" and not (self.train_file and self.dev_file):
+            raise ValueError("dataset jsonl (your own conversations) needs --train FILE and --dev FILE")
+        if self.data_dir is None and not (self.train_file and self.dev_file):
+            raise ValueError(f"dataset {cfg.dataset} needs --data-dir (a folder with meld/, emorynlp/, friends/)")
+        train = self.train_file or D.split_path(self.data_dir, cfg.dataset, "train")
+        dev = self.dev_file or D.split_path(self.data_dir, cfg.dataset, "dev")
+        self.train_set = D.load_dataset(cfg.dataset, train)
+        self.dev_set = D.load_dataset(cfg.dataset, dev)
+        if cfg.max_train_dialogues:
+            self.train_set = self.train_set[: cfg.max_train_dialogues]
+        self.labels = D.LABELS.get(cfg.dataset) or D.labels_of(self.train_set)
+        known = {lab.lower() for lab in self.labels}
+        for name, ds in (("train", self.train_set), ("dev", self.dev_set)):
+            bad = [u.emotion for d in ds for u in d.utterances if u.emotion is None or u.emotion.lower() not in known]
+            if bad:
+                raise D.DatasetError(f"{name} data: {len(bad)} utterance(s) without a label the model knows ({sorted(set(map(str, bad)))[:5]}); "
+                                     f"labels: {list(self.labels)}")
+        self.speaker_labels, self.speaker_class = D.speaker_classes(cfg.dataset, self.train_set)
+
+    def _setup_si_corpus(self) -> None:
+        """Friends scene chunks for the auxiliary SI task (their speakers are Friends' SI classes)."""
+        cfg = self.cfg
+        self.si_set: list[D.Dialogue] = []
+        if cfg.si_weight <= 0 or cfg.si_ratio <= 0:
+            return
+        if cfg.dataset not in ("meld", "emorynlp"):
+            raise ValueError(f"si_ratio = {cfg.si_ratio}: the Friends SI corpus names Friends characters, not the speakers "
+                             f"of dataset {cfg.dataset}; set si_ratio = 0 (SI then learns from your data's own speakers)")
+        if self.data_dir is None:
+            raise ValueError("si_ratio > 0 needs --data-dir with friends/friends_transcripts.jsonl (or set si_ratio = 0)")
+        dev_texts = [u.text for d in self.dev_set for u in d.utterances]
+        scenes = D.load_friends(self.data_dir / D.FRIENDS_FILE, exclude_texts=dev_texts)
+        if cfg.max_si_scenes:
+            scenes = scenes[: cfg.max_si_scenes]
+        self.si_set = D.chunk(scenes, cfg.si_chunk)
 
     def _setup_cache(self) -> None:
         """The frozen lower layers' hidden states for every text of train, dev and the SI pool (cache_hidden)."""
@@ -138,7 +170,7 @@ class Trainer:
         for d in dialogues:
             for u in d.utterances:
                 emo.append(self.label_index[u.emotion.lower()] if with_emotion else -100)
-                cls = D.speaker_class(u.speaker)
+                cls = self.speaker_class(u.speaker)
                 si.append(self.speaker_index[cls] if cls is not None else -100)
         return emo, si
 

@@ -12,6 +12,7 @@
 | emotion_monitor_retries_total | counter | error | batches retried after a Redis or broker error |
 | emotion_monitor_batch_size | histogram | | messages per micro-batch |
 | emotion_monitor_stage_seconds | histogram | stage | decode, redis_read, encode, step, produce, redis_write |
+| emotion_monitor_redis_writable | gauge | | 1 while Redis accepts state writes, 0 while it refuses them (OOM, READONLY, ...) |
 | emotion_monitor_model_info | gauge (1) | name, version, device | the model being served |
 | python_gc_collections_total, python_gc_objects_collected_total | counter | generation | the cyclic GC (full collections are generation 2) |
 | process_resident_memory_bytes, process_cpu_seconds_total, ... | gauge, counter | | the worker process (Linux) |
@@ -43,6 +44,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.stage = Histogram("emotion_monitor_stage_seconds", "time per batch stage", ["stage"],
                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.redis_writable = Gauge("emotion_monitor_redis_writable",
+                                    "1 while Redis accepts state writes, 0 while it refuses them (OOM, READONLY, ...)", registry=r)
+        self.redis_writable.set(1)
         self.model_info = Gauge("emotion_monitor_model_info", "the model being served", ["name", "version", "device"], registry=r)
         # The standard process and GC families (memory, CPU, full collections) that dashboards expect.
         GCCollector(registry=r)

@@ -12,8 +12,50 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import redis.asyncio as aioredis
+import redis.exceptions as rx
 
 from stream.logic import Conversation
+
+
+# Redis answers but refuses writes: not a connection problem, and not something retrying at once
+# fixes; the batch's state write is retried with backoff until Redis accepts writes again.
+REFUSALS = {
+    "OOM": "used memory is over maxmemory and the eviction policy is noeviction",
+    "READONLY": "this Redis is a read-only replica (after a failover?); point the worker at the primary",
+    "EXECABORT": "the transaction was aborted because Redis refused one of its commands",
+    "MISCONF": "Redis cannot persist (RDB snapshot failing) and stops writes",
+    "NOREPLICAS": "not enough replicas acknowledge writes (min-replicas-to-write)",
+    "MASTERDOWN": "the replica lost its primary",
+    "CLUSTERDOWN": "the cluster is down",
+    "TRYAGAIN": "the cluster is resharding",
+}
+
+
+class StateWriteRefused(Exception):
+    """Redis refused the state write (`code` is one of REFUSALS). The message never carries the
+    redis-py text, which quotes the refused command with its arguments (conversation state)."""
+
+    def __init__(self, code: str):
+        self.code = code
+        super().__init__(f"Redis refuses writes ({code}: {REFUSALS.get(code, 'see the Redis log')})")
+
+
+def refusal_code(exc: BaseException) -> str | None:
+    """The REFUSALS code of a Redis error that means "Redis answers but will not write", else None."""
+    if isinstance(exc, rx.OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, rx.ReadOnlyError):
+        return "READONLY"
+    if isinstance(exc, rx.ExecAbortError):
+        return "EXECABORT"
+    if isinstance(exc, rx.ResponseError):
+        # redis-py strips the code of the errors it has a class for; the others keep it in the text
+        # (also when quoted by a pipeline: "Command # 1 (...) of pipeline caused error: (MISCONF ...")
+        text = str(exc)
+        for code in REFUSALS:
+            if text.startswith(code + " ") or f"('{code} " in text or f'("{code} ' in text:
+                return code
+    return None
 
 
 class StateStore:
@@ -54,7 +96,24 @@ class StateStore:
                     pipe.zadd(open_, {cid: conv.last_event_ts})
                 else:
                     pipe.zrem(open_, cid)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except rx.ResponseError as exc:
+                code = refusal_code(exc)
+                if code is None:
+                    raise
+                raise StateWriteRefused(code) from None  # not chained: its text quotes the state
+
+    async def probe_write(self) -> str | None:
+        """Readiness: write a tiny key. None when Redis accepts it, else the refusal code."""
+        try:
+            await self.r.set(f"{self.prefix}:probe", b"1", ex=60)
+        except rx.ResponseError as exc:
+            code = refusal_code(exc)
+            if code is None:
+                raise
+            return code
+        return None
 
     async def idle_since(self, partition: int, before: float, limit: int = 256) -> list[str]:
         """Open conversations with pending utterances whose last utterance is older than `before`."""

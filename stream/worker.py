@@ -32,7 +32,7 @@ from stream.alerts import check_labels, load_rules
 from stream.logic import Conversation, Outcome, PartitionClock, StepConfig, on_idle, step
 from stream.metrics import Metrics
 from stream.settings import Settings
-from stream.state_store import StateStore
+from stream.state_store import StateStore, StateWriteRefused
 from stream.validate import End, Rejected, Utterance, parse_message
 
 log = logging.getLogger("emotion_monitor.worker")
@@ -61,6 +61,8 @@ class BatchProcessor:
         # (processing): see PartitionClock.
         self.clocks: dict[int, PartitionClock] = {}
         self.busy_s = 0.0
+        # Set while Redis answers but refuses the state write (OOM, READONLY, ...): /readyz says 503.
+        self.redis_refusing: str | None = None
 
     def _read(self, messages, wall: float) -> None:
         """Advance the partitions' clocks with the message timestamps of a batch just read."""
@@ -165,7 +167,7 @@ class BatchProcessor:
         await self._publish(outcome, dlq)
         t4 = time.time()
         stage.labels("produce").observe(t4 - t3)
-        await self.store.save(new_convs, partitions)
+        await self._save(new_convs, partitions)
         stage.labels("redis_write").observe(time.time() - t4)
 
     def _compute(self, convs, inputs, now, event_ts=None):
@@ -210,7 +212,7 @@ class BatchProcessor:
         convs = await self.store.load(cids)
         changed, outcome = on_idle(self.cfg, convs, set(abandon), now)
         await self._publish(outcome, [])
-        await self.store.save(changed, {c: partition for c in changed})
+        await self._save(changed, {c: partition for c in changed})
         # States that expired (or ended meanwhile) leave the timer's sets.
         await self.store.forget_idle(partition, [c for c in cids if convs.get(c) is None or convs[c].ended])
         flushed = sum(1 for c in changed.values() if not c.ended)
@@ -219,6 +221,43 @@ class BatchProcessor:
             log.info("partition %s: %d conversation(s) flushed after a pause, %d abandoned", partition, flushed,
                      len(changed) - flushed)
         return len(changed)
+
+    async def _save(self, convs: dict[str, Conversation], partitions: dict[str, int]) -> None:
+        """Write the batch's states, retrying with backoff until Redis takes them.
+
+        The events are already published (and acked) at this point: retrying the write alone
+        publishes nothing twice, and no valid message is dead-lettered because Redis refuses
+        writes (OOM under maxmemory + noeviction, READONLY after a failover, EXECABORT, ...)
+        or is briefly unreachable. The batch's offsets are not committed meanwhile (the agent
+        waits here), so a crash in between redelivers the batch: same event ids again."""
+        delay, since, last_log = 0.1, None, 0.0
+        while True:
+            try:
+                await self.store.save(convs, partitions)
+                break
+            except StateWriteRefused as exc:
+                now = time.monotonic()
+                since = since or now
+                self.redis_refusing = exc.code
+                self.metrics.retries.labels(f"redis_{exc.code.lower()}").inc()
+                self.metrics.redis_writable.set(0)
+                if now - last_log >= 30.0 or last_log == 0.0:
+                    # The code and what it means only: the client's text quotes the state.
+                    log.error("%s; the state of %d conversation(s) is not saved, retrying every <= 5 s (refused for "
+                              "%.0f s; /readyz says 503; events of the batch are already published, nothing is "
+                              "dead-lettered)", exc, len(convs), now - since)
+                    last_log = now
+            except Exception as exc:  # noqa: BLE001 - classified
+                if not is_transient(exc):
+                    raise
+                self.metrics.retries.labels(type(exc).__name__).inc()
+                log.warning("transient %s while saving state (%s); retrying in %.1f s", type(exc).__name__, _short(exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        if self.redis_refusing is not None:
+            log.warning("Redis accepts writes again (was refusing: %s); state saved", self.redis_refusing)
+            self.redis_refusing = None
+            self.metrics.redis_writable.set(1)
 
     async def _publish(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
         """Queue every record in order (per-key order on the topics = order of the events), then
@@ -443,12 +482,16 @@ def build_app(settings: Settings, scorer):
         # Readiness: the model is loaded (it is, before faust starts), Redis answers, and this
         # worker holds partitions of the utterances topic.
         assigned = [tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic]
+        refused = None
         try:
             redis_ok = bool(await store.r.ping())
+            # Redis may answer and still refuse writes (OOM with noeviction, a read-only replica).
+            refused = processor.redis_refusing or await store.probe_write()
         except Exception:  # noqa: BLE001 - any Redis failure means not ready
             redis_ok = False
-        ready = redis_ok and bool(assigned)
-        return web.json({"ready": ready, "redis": redis_ok, "partitions": sorted(assigned), "model": scorer.model_id},
+        ready = redis_ok and refused is None and bool(assigned)
+        return web.json({"ready": ready, "redis": redis_ok, "redis_writes": "ok" if refused is None else f"refused ({refused})",
+                         "partitions": sorted(assigned), "model": scorer.model_id},
                         status=200 if ready else 503)
 
     @app.timer(interval=30.0)

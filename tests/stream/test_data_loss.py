@@ -6,6 +6,7 @@ Real broker, real redis-server, real worker processes (tiny model); bounded in t
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -166,3 +167,121 @@ def test_an_oversized_message_does_not_take_its_batch_with_it(stack, worker):
     assert 0 < len(prefix) < len(big) and big.startswith(prefix)
     assert len(json.dumps(rec)) < 200_000  # far below the producer's 1 MB request limit
     assert w.proc.poll() is None, w.tail()
+
+
+def _readyz(port: int) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except OSError:
+        return 0, {}
+
+
+def _wait(pred, timeout_s: float) -> bool:
+    import time
+
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_redis_refusing_writes_is_retried_not_dead_lettered(stack, tiny_artifact, tmp_path):
+    """A real redis-server put under maxmemory 1 + noeviction (every write: OOM) mid-conversation:
+    the worker publishes the batch's events once, retries the state write, says 503 on /readyz,
+    dead-letters nothing; once Redis takes writes again every utterance gets its one final, with
+    the same scores as an undisturbed run."""
+    import time
+
+    import redis
+
+    from stream.localstack import start_redis, stop_process
+    from tests.stream.test_faults import _check_same_as_offline
+    from tests.stream.test_worker_integration import LINES, interleave
+
+    names = unique_names()
+    _topics(stack, names)
+    redis_proc, port = start_redis(tmp_path / "redis")
+    admin = redis.Redis(port=port)
+    env = worker_env(stack, tiny_artifact, names, idle_finalize_s=30, redis_url=f"redis://127.0.0.1:{port}/0")
+    convs = [conversation(f"oom-{k}", 6) for k in range(2)]
+    cids = {c[0]["conversation_id"] for c in convs}
+    w = WorkerProcess(env, tmp_path / "w.log")
+    web = int(env["EMOTION_MONITOR_WEB_PORT"])
+    try:
+        run(produce(stack.bootstrap, names["utterances"], interleave([c[:2] for c in convs])))
+        seen = run(collect(stack.bootstrap, names["emotions"], lambda ev: sum(e["status"] == "provisional" for e in ev) >= 4, 90))
+        assert sum(e["status"] == "provisional" for e in seen) >= 4, w.tail()
+        assert _readyz(web)[0] == 200
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")  # every write is now refused with OOM
+        run(produce(stack.bootstrap, names["utterances"], interleave([c[2:4] for c in convs])))
+        assert _wait(lambda: "Redis refuses writes (OOM" in w.log.read_text(), 30), w.tail()
+        status, body = _readyz(web)
+        assert status == 503 and body["redis_writes"] == "refused (OOM)", body
+        time.sleep(3)  # several retries with backoff
+        assert w.proc.poll() is None, w.tail()
+        admin.config_set("maxmemory", "0")  # Redis takes writes again
+        assert _wait(lambda: _readyz(web)[0] == 200, 20), _readyz(web)
+        run(produce(stack.bootstrap, names["utterances"], interleave([c[4:] for c in convs]) + [end(c) for c in sorted(cids)]))
+        events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, cids)) >= 12, 60))
+        dlq = run(collect(stack.bootstrap, names["dlq"], lambda r: False, 2))
+    finally:
+        w.stop()
+        admin.config_set("maxmemory", "0")
+        admin.close()
+        stop_process(redis_proc)
+    mine = [e for e in events if e["conversation_id"] in cids]
+    finals = finals_of(mine, cids)
+    assert len(finals) == 12 and all(len(v) == 1 for v in finals.values()), w.tail()
+    assert dlq == [], dlq  # no valid message dead-lettered because Redis refused writes
+    provisional = defaultdict(int)
+    for e in mine:
+        if e["status"] == "provisional":
+            provisional[(e["conversation_id"], e["seq"])] += 1
+    assert all(n == 1 for n in provisional.values()), provisional  # the events were not published again
+    _check_same_as_offline(mine, convs, tiny_artifact)
+    assert not any(e["context_reset"] for e in mine)
+    log = w.log.read_text()
+    assert "Redis accepts writes again" in log
+    assert not any(line in log for line in LINES)  # no transcript text in the log
+
+
+def test_a_read_only_replica_is_recognised_as_refusing_writes(tmp_path):
+    """READONLY (a failover left the worker on a replica): a real redis-server under REPLICAOF."""
+    import redis.asyncio as aioredis
+
+    from stream.localstack import start_redis, stop_process
+    from stream.logic import Conversation
+    from stream.state_store import StateStore, StateWriteRefused
+    from stream.localrun import free_port
+
+    proc, port = start_redis(tmp_path / "redis")
+
+    async def go():
+        r = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
+        store = StateStore(r, 60, prefix="em:ro")
+        assert await store.probe_write() is None
+        await r.replicaof("127.0.0.1", free_port())  # a primary that is not there: read-only replica
+        try:
+            assert await store.probe_write() == "READONLY"
+            with pytest.raises(StateWriteRefused) as info:
+                await store.save({"c": Conversation()}, {"c": 0})
+            assert info.value.code == "READONLY" and "SET" not in str(info.value)
+            assert info.value.__cause__ is None  # the client's text (it quotes the state) is not chained
+        finally:
+            await r.replicaof("NO", "ONE")
+        await store.save({"c": Conversation()}, {"c": 0})
+        await r.aclose()
+
+    try:
+        run(go())
+    finally:
+        stop_process(proc)
