@@ -37,6 +37,9 @@ class Rejected:
 
 
 MAX_ID_CHARS = 128
+# The largest seq: JSON consumers (JavaScript) hold integers exactly only up to 2^53 - 1, and the
+# state packs seqs as signed 64-bit integers (alerts.Trajectory): 2^63 used to crash it there.
+MAX_SEQ = 2**53 - 1
 
 
 def _bad(error: str, reason: str) -> Rejected:
@@ -94,6 +97,8 @@ def parse_message(
         return _bad("wrong_type", f"'seq' must be an integer, got {type(seq).__name__}")
     if seq < 0:
         return _bad("wrong_type", "'seq' must be >= 0")
+    if seq > MAX_SEQ:
+        return _bad("wrong_type", f"'seq' must be at most 2^53 - 1 ({MAX_SEQ}); number utterances 0, 1, 2, ... per conversation")
     speaker = obj["speaker"]
     if not isinstance(speaker, str) or not speaker.strip() or len(speaker) > MAX_ID_CHARS:
         return _bad("wrong_type", f"'speaker' must be a non-empty string of at most {MAX_ID_CHARS} characters")

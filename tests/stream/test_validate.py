@@ -47,3 +47,20 @@ def test_good_utterance_and_end():
 def test_bad_input_is_rejected_with_a_code_and_a_reason(raw, obj, key, error):
     r = parse(obj, key=key, raw=raw)
     assert isinstance(r, Rejected) and r.error == error and len(r.reason) > 5
+
+
+@pytest.mark.parametrize("seq", [2**53, 2**63, 2**64 + 5, 10**30])
+def test_seq_is_bounded(seq):
+    """2^63 was accepted and later crashed struct.pack in the alert trajectory (issue 13, item 6)."""
+    got = parse({**GOOD, "seq": seq})
+    assert isinstance(got, Rejected) and got.error == "wrong_type" and "2^53" in got.reason
+
+
+def test_largest_seq_goes_through_the_alert_trajectory():
+    from stream.alerts import Final, Trajectory
+    from stream.validate import MAX_SEQ
+
+    u = parse({**GOOD, "seq": MAX_SEQ})
+    assert isinstance(u, Utterance) and u.seq == MAX_SEQ
+    t = Trajectory().append(Final(u.seq, u.role, u.speaker, "anger", 0.9))  # 2^63 raised struct.error here
+    assert [f.seq for f in t.finals()] == [MAX_SEQ]
