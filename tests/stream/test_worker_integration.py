@@ -19,14 +19,17 @@ from tests.stream.worker_harness import WorkerProcess, collect, produce, run, un
 
 pytestmark = pytest.mark.integration
 
+# Raw dataset text, as producers send it (not cleaned up): curly quotes, MELD's Windows-1252
+# \x92 apostrophe, double spaces, an ellipsis character. The worker must encode it exactly as
+# training and `evaluate` do (model/encoding.py normalize_text), or streaming != offline.
 LINES = [
-    "I have been waiting for an hour, this is ridiculous!",
-    "I'm sorry about the wait, let me look into it right away.",
+    "I have been waiting for an hour,  this is ridiculous!",
+    "I\u2019m sorry about the wait, let me look into it right away\u2026",
     "My card was charged twice for the same order.",
-    "I can see that, I'm refunding the second charge now.",
-    "Oh, thank you, that's a relief.",
+    "I can see that, I\x92m refunding the second charge now.",
+    "Oh, thank you, that\u2019s a relief.",
     "Is there anything else I can help you with today?",
-    "No, that's all, have a nice day.",
+    "No, that\x92s all \u2014 have a \u201cnice\u201d day.",
 ]
 
 
