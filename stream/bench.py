@@ -8,6 +8,15 @@ Figures (same utterances, same model, same machine, one run, since this machine 
   step_ms_ratio_long_short per-utterance cost (state load + step + events + alert rules + state save,
                            encoder excluded) at position 200 of a conversation over position 5,
                            the two positions timed alternately
+  passthrough_core_ms_per_msg   CPU per message of a passthrough faust worker (stream/passthrough.py:
+                           same settings and micro-batching, validation, one event of a real event's
+                           size per utterance; no model, no Redis) under the same load: the floor
+  passthrough_msg_per_s    its sustained rate (first produce -> last event received)
+  worker_overhead_core_ms_per_utt  the worker's CPU per utterance minus the bare encoder's
+  overhead_vs_passthrough  worker_overhead_core_ms_per_utt / passthrough_core_ms_per_msg
+  path_utt_per_s_b64 / _b256  the step path with the encoder stubbed out (state decode, logic and
+                           model step, events and alert rules, state encode; stream/pathbench.py),
+                           one utterance each for 64 / 256 conversations, in this process
 Before the JSON line it prints where the CPU went during the sustained phase (core-ms per
 utterance for the worker, the broker, Redis and the bench's own load generator and consumer,
 from /proc) and the rate the machine's cores allow at that cost.
@@ -21,6 +30,8 @@ import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -28,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stream.localrun import LocalWorker
 from stream.replay import SAMPLE, load_messages
 from stream.settings import Settings
 
@@ -261,6 +273,74 @@ async def pipeline_phase(settings: Settings, stack, workers, n_conv: int, sustai
         await consumer.stop()
 
 
+def passthrough_env(stack, tag: str, **settings) -> dict[str, str]:
+    """The worker's environment (same settings, same group timeouts) with the passthrough's own
+    consumer group and topics, so it never reads the worker's input or writes its output."""
+    from stream.localrun import local_worker_env
+
+    return local_worker_env(stack, app_id=f"passthrough-{tag}", utterances_topic=f"passthrough-in-{tag}",
+                            emotions_topic=f"passthrough-out-{tag}", **settings)
+
+
+async def passthrough_phase(stack, n_conv: int, n: int, progress, workdir: Path) -> tuple[float, float | None]:
+    """(messages per second, passthrough worker core-ms per message) under the sustained load's
+    shape: n utterances over n_conv conversations, produced as fast as the producer goes."""
+    from aiokafka import AIOKafkaConsumer
+
+    from stream.localrun import wait_until_ready
+    from stream.localstack import create_topics
+
+    tag = uuid.uuid4().hex[:6]
+    env = passthrough_env(stack, tag)
+    src, dst = env["EMOTION_MONITOR_UTTERANCES_TOPIC"], env["EMOTION_MONITOR_EMOTIONS_TOPIC"]
+    partitions = Settings().partitions
+    await create_topics(stack.bootstrap, {src: partitions, dst: partitions})
+    proc = PassthroughProcess(env, workdir / "passthrough.log")
+    consumer = AIOKafkaConsumer(dst, bootstrap_servers=stack.bootstrap, group_id=None, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=10)
+    await consumer.start()
+    try:
+        await wait_until_ready(stack.bootstrap, src, consumer, proc)
+        progress("passthrough: sustained load")
+        load = _load(n_conv, n, seed=13)
+        ids = {(m["conversation_id"], m["seq"]) for m in load}
+        meter = CpuMeter({"passthrough": proc.proc.pid})
+        meter.start()
+        t0 = time.time()
+        sender = asyncio.create_task(_produce(stack.bootstrap, src, load))
+        got = await _await_provisional(consumer, ids, timeout_s=300)
+        await sender
+        cpu = meter.stop(len(ids))
+        if len(got) < len(ids):
+            raise RuntimeError(f"passthrough: only {len(got)} of {len(ids)} events arrived; see {proc.log}")
+        rate = len(ids) / (max(t0 + lat for lat in got.values()) - t0)
+        return rate, cpu.get("passthrough")
+    finally:
+        await consumer.stop()
+        proc.stop()
+
+
+class PassthroughProcess(LocalWorker):
+    """`python -m stream.passthrough` on the local stack, handled like a LocalWorker (check, stop, log)."""
+
+    def __init__(self, env: dict[str, str], log: Path):
+        self.log = log
+        self.web_port = int(env["EMOTION_MONITOR_WEB_PORT"])
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.passthrough"], env=env, stdout=open(log, "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def path_rates(scorer, rules_path, batches=(64, 256), seconds: float = 1.0) -> dict:
+    """The step path's rate with the encoder stubbed out (stream/pathbench.py), per batch size,
+    with the worker's own model step (scorer.step) and alert rules."""
+    from stream.alerts import load_rules
+    from stream.pathbench import path_rate
+
+    rules = load_rules(rules_path, scorer.labels)
+    return {b: path_rate(scorer.model, b, labels=scorer.labels, model_id=scorer.model_id, rules=rules,
+                         model_step=scorer.step, seconds=seconds) for b in batches}
+
+
 def run_bench(args) -> int:
     return asyncio.run(_bench(args))
 
@@ -269,7 +349,8 @@ async def _bench(args) -> int:
     from rich.console import Console
 
     from model.runtime import Scorer
-    from stream.localrun import LocalWorker, local_worker_env, wait_all_assigned
+    from stream.localrun import local_worker_env, wait_all_assigned
+    from stream.pathbench import format_stages
     from stream.localstack import local_stack
 
     console = Console(stderr=True)
@@ -289,6 +370,8 @@ async def _bench(args) -> int:
     enc, enc_cpu = encoder_rate(scorer, phase, settings.max_batch)
     progress(f"encoder: {enc:.0f} utt/s; per-utterance cost at positions 5 and 200")
     short_ms, long_ms = step_cost_ratio(scorer, settings.rules_path)
+    progress("step path with the encoder stubbed out, batches of 64 and 256")
+    paths = path_rates(scorer, settings.rules_path, (64, 256), seconds=max(1.0, phase / 2))
     workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-bench-"))
     topics = {settings.utterances_topic: settings.partitions, settings.emotions_topic: settings.partitions, settings.dlq_topic: 1}
     with local_stack(topics, workdir=workdir) as stack:
@@ -308,6 +391,8 @@ async def _bench(args) -> int:
         finally:
             for w in workers:
                 w.stop()
+        progress("passthrough worker (faust, validation, one event per utterance; no model, no Redis)")
+        pt_rate, pt_cpu = await passthrough_phase(stack, args.conversations, sustained_n, progress, workdir)
         progress("naive consumer")
         naive = await naive_rate(scorer, stack.bootstrap, max(100, int(pipe * phase / 4)), args.conversations)
     p50, p99 = np.percentile(latencies, [50, 99])
@@ -320,6 +405,15 @@ async def _bench(args) -> int:
         "step_ms_ratio_long_short": round(long_ms / short_ms, 3),
         "device": str(scorer.device),
     }
+    overhead = worker_overhead(cpu, enc_cpu)
+    result.update({
+        "passthrough_msg_per_s": round(pt_rate, 1),
+        "passthrough_core_ms_per_msg": _round(pt_cpu, 3),
+        "worker_overhead_core_ms_per_utt": _round(overhead, 3),
+        "overhead_vs_passthrough": _round(overhead / pt_cpu if overhead is not None and pt_cpu else None, 3),
+        "path_utt_per_s_b64": round(paths[64].utt_per_s, 1),
+        "path_utt_per_s_b256": round(paths[256].utt_per_s, 1),
+    })
     print(f"encoder   {enc:8.1f} utt/s  (bare encoder, batches of {settings.max_batch})")
     print(f"pipeline  {pipe:8.1f} utt/s  ({pipe / enc:.2f} x encoder; broker + {args.workers} worker(s) + Redis, "
           f"{args.conversations} conversations)")
@@ -327,6 +421,10 @@ async def _bench(args) -> int:
     print(f"latency   p50 {p50:.1f} ms, p99 {p99:.1f} ms  (produce -> provisional event, at {pipe / 2:.0f} utt/s)")
     print(f"step cost {short_ms:.2f} ms at position 5, {long_ms:.2f} ms at 200: ratio {long_ms / short_ms:.3f}")
     print_cpu(cpu, enc_cpu, pipe)
+    print_overhead(overhead, pt_cpu, pt_rate)
+    for b, r in paths.items():
+        print(f"path b{b:<4} {r.utt_per_s:8.1f} utt/s  (encoder stubbed: {r.ms_per_batch:.1f} ms per batch of {b}; "
+              f"ms per batch: {format_stages(r)}; {r.utt_per_s / enc:.2f} x encoder)")
     if args.json:
         print(json.dumps(result))
     return 0
@@ -348,3 +446,25 @@ def print_cpu(cpu: dict[str, float], encoder_cpu_ms: float | None, pipe: float) 
     print(f"  bare encoder {encoder_cpu_ms:.2f} core-ms/utt; workers beyond it {worker_rest:.2f}; outside the workers {others:.2f}")
     print(f"  the cores allow {cores * 1000 / total:.0f} utt/s at this CPU per utterance, all of them 100% busy "
           f"(measured {pipe:.0f})")
+
+
+def worker_overhead(cpu: dict[str, float], encoder_cpu_ms: float | None) -> float | None:
+    """The workers' CPU per utterance beyond the bare encoder's (core-ms), from the sustained phase."""
+    in_workers = [v for k, v in cpu.items() if k.startswith("worker")]
+    if not in_workers or encoder_cpu_ms is None:
+        return None
+    return sum(in_workers) - encoder_cpu_ms
+
+
+def print_overhead(overhead: float | None, passthrough_cpu_ms: float | None, passthrough_rate: float) -> None:
+    """The worker's own work beyond the encoder against what Kafka I/O alone costs a faust worker."""
+    pt = "n/a" if passthrough_cpu_ms is None else f"{passthrough_cpu_ms:.2f} core-ms/msg"
+    print(f"passthrough {passthrough_rate:8.1f} msg/s  ({pt}; faust + validation + one event per utterance, "
+          "no model, no Redis)")
+    if overhead is not None and passthrough_cpu_ms:
+        print(f"  worker beyond the encoder {overhead:.2f} core-ms/utt = {overhead / passthrough_cpu_ms:.2f} x passthrough "
+              "(target <= 2.0)")
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)

@@ -14,12 +14,14 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.integration
-
 KEYS = {"encoder_utt_per_s", "pipeline_utt_per_s", "naive_utt_per_s", "latency_p50_ms", "latency_p99_ms",
-        "step_ms_ratio_long_short", "device"}
+        "step_ms_ratio_long_short", "device",
+        # issue 15: the worker's overhead against a passthrough faust worker, and the step path's rate
+        "passthrough_msg_per_s", "passthrough_core_ms_per_msg", "worker_overhead_core_ms_per_utt",
+        "overhead_vs_passthrough", "path_utt_per_s_b64", "path_utt_per_s_b256"}
 
 
+@pytest.mark.integration
 def test_bench_json_has_exactly_the_documented_figures(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stream.cli", "bench", "--json", "--duration", "2", "--conversations", "8"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -35,8 +37,14 @@ def test_bench_json_has_exactly_the_documented_figures(tmp_path):
     cpu_line = next(line for line in proc.stdout.splitlines() if line.startswith("cpu per utterance"))
     for part in ("worker", "broker", "redis", "load generator"):
         assert part in cpu_line
+    # The overhead ratio is the two CPU figures divided (rounding aside).
+    ratio = result["worker_overhead_core_ms_per_utt"] / result["passthrough_core_ms_per_msg"]
+    assert abs(result["overhead_vs_passthrough"] - ratio) <= 0.01 * ratio + 0.002
+    assert any(line.startswith("passthrough") for line in proc.stdout.splitlines())
+    assert any(line.startswith("path b256") for line in proc.stdout.splitlines())
 
 
+@pytest.mark.integration
 def test_bench_with_two_workers_splits_the_cores_and_counts_both(tmp_path):
     """--workers 2: two worker processes in one consumer group, one model thread each; every
     utterance still gets its provisional event (the bench raises otherwise) and both workers'
@@ -69,3 +77,34 @@ def test_cpu_meter_counts_a_child_process_and_this_one():
         child.communicate(b"", timeout=10)
     assert out["child"] * 10 / 1000 >= 0.25  # core-ms per utterance x utterances = its CPU seconds
     assert out["self"] > 0 and out["wall"] > 0
+
+
+def test_path_rate_steps_the_stubbed_path_and_reports_its_stages():
+    """The step path with the encoder stubbed (state decode, logic + model step, events and alert
+    rules, state encode) on a tiny model: a positive rate, every stage timed, and the states it
+    starts from are real stored bytes at a full window."""
+    import torch
+
+    from model.modeling import EmotionSIModel
+    from stream.alerts import load_rules
+    from stream.logic import Conversation, StepConfig
+    from stream.pathbench import STAGES, default_step, path_rate, prepared_states
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = EmotionSIModel(tiny_config(lookahead=2, window=4)).eval()
+    rules = load_rules(None, model.cfg.emotion_labels)
+    r = path_rate(model, 8, rules=rules, seconds=0.05, min_repeats=2)
+    assert r.batch == 8 and r.repeats >= 2
+    assert r.utt_per_s > 0 and r.ms_per_batch > 0
+    assert set(r.stages_ms) == set(STAGES) and all(v >= 0 for v in r.stages_ms.values())
+    assert r.stages_ms["model_step"] > 0
+    assert abs(sum(r.stages_ms.values()) - r.ms_per_batch) <= 0.25 * r.ms_per_batch  # the stages are the batch
+
+    import numpy as np
+
+    cfg = StepConfig(model.cfg.emotion_labels, "t@0", model.cfg.window, False, rules)
+    blobs = prepared_states(cfg, default_step(model), model.encoder.dim, 3, 6, np.random.default_rng(0))
+    states = [Conversation.from_bytes(b) for b in blobs.values()]
+    assert len(states) == 3 and all(s.last_seq == 5 and s.dialogue.seen == 6 for s in states)
+    assert all(len(s.dialogue.vectors) == model.cfg.window for s in states)  # bounded window, full

@@ -1,0 +1,137 @@
+"""The floor for `emotion-monitor bench`: a faust worker that only does the Kafka part.
+
+    python -m stream.passthrough      (configured from the environment, like `emotion-monitor worker`)
+
+Same faust app settings as the worker (built from the same `Settings`: broker, fetch wait, group
+timeouts, acks, partitions), the same micro-batching (`take_events(max_batch, within=max_wait_ms)`),
+the real validation of each message (`stream.validate.parse_message`), and one event per
+utterance of the same shape and size as a real emotion event (fixed scores), published to the
+emotions topic with the acks of a batch awaited together, as the worker does. No model, no Redis,
+no alert rules. What this process spends per message is what Kafka I/O alone costs a faust worker;
+the bench compares the real worker's CPU beyond its encoder with it (`overhead_vs_passthrough`).
+
+The app is built here from the worker's settings rather than by `stream.worker.build_app`, which
+also builds the model's processor and the Redis client; `_app_kwargs` mirrors its MonitorApp
+arguments and must follow them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from stream.logic import event_id
+from stream.settings import Settings
+from stream.validate import Rejected, Utterance, parse_message
+
+log = logging.getLogger("emotion_monitor.passthrough")
+
+
+def _app_kwargs(settings: Settings) -> dict[str, Any]:
+    """The worker's MonitorApp arguments (stream/worker.py build_app), from the same settings."""
+    datadir = Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    return dict(
+        broker=settings.broker_list,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        producer_acks=-1,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        broker_credentials=settings.faust_credentials(),
+        autodiscover=False,
+        store="memory://",
+        datadir=str(datadir),
+    )
+
+
+def model_identity(model_path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Emotion labels and {name, version} of the artifact, read from its JSON files (no model loaded):
+    the events carry the same label names and model fields as the real worker's."""
+    try:
+        labels = tuple(json.loads((Path(model_path) / "labels.json").read_text())["emotion"])
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        return labels, {"name": str(config["name"]), "version": str(config["version"])}
+    except (OSError, ValueError, KeyError):
+        return ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"), {"name": "emotion-si-meld", "version": "0.1.0"}
+
+
+def passthrough_event(item: Utterance, labels: tuple[str, ...], model: dict[str, str], now: float) -> dict[str, Any]:
+    """An event with the fields and the size of a real provisional emotion event (stream.logic._event)."""
+    # Five decimals like the real scores; a fixed spread so every event has the same size.
+    probs = [round(0.7 / len(labels) + 0.3 * (k == 0) + 0.01234 * (k + 1) / len(labels), 5) for k in range(len(labels))]
+    return {
+        "event_id": event_id(f"{model['name']}@{model['version']}", item.conversation_id, item.seq, "provisional"),
+        "conversation_id": item.conversation_id,
+        "seq": item.seq,
+        "speaker": item.speaker,
+        "role": item.role,
+        "emotion": labels[0],
+        "scores": dict(zip(labels, probs)),
+        "status": "provisional",
+        "model": model,
+        "context_reset": False,
+        "ts_produced": item.ts,
+        "ts_received": now,
+        "ts_emitted": time.time(),
+    }
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def build_passthrough_app(settings: Settings):
+    from stream.faust_app import MonitorApp
+
+    app = MonitorApp(settings.app_id, **_app_kwargs(settings))
+    source = app.topic(settings.utterances_topic, partitions=settings.partitions)
+    emotions = app.topic(settings.emotions_topic, partitions=settings.partitions)
+    labels, model = model_identity(settings.model_path)
+
+    @app.agent(source, concurrency=1)
+    async def passthrough(stream):
+        async for batch in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000.0):
+            now = time.time()
+            acks = []
+            for e in batch:
+                parsed = parse_message(e.message.value, e.message.key, settings.max_message_bytes, settings.max_text_chars)
+                if isinstance(parsed, Utterance):
+                    acks.append(await emotions.send(key=parsed.conversation_id.encode(),
+                                                    value=_dumps(passthrough_event(parsed, labels, model, now))))
+                elif isinstance(parsed, Rejected):
+                    log.warning("passthrough: a message was rejected (%s)", parsed.error)
+            await asyncio.gather(*acks)
+
+    return app
+
+
+def main() -> None:
+    import faust
+
+    from stream.localstack import create_topics
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    topics = {settings.utterances_topic: settings.partitions, settings.emotions_topic: settings.partitions}
+    asyncio.run(create_topics(settings.bootstrap_servers(), topics, **settings.kafka_client_options()))
+    app = build_passthrough_app(settings)
+    gc.collect()
+    gc.freeze()  # as the worker does after start-up
+    faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main()
