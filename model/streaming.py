@@ -3,7 +3,7 @@
 A conversation's state is what the stream side stores (in Redis) between utterances:
   - the forward GRU states of the last `window` utterances (the newest one is the carried state),
   - their utterance vectors and party ids (for the backward GRUs and the cross-attention),
-  - the party index of each speaker seen so far,
+  - the party index of the first `num_parties - 1` speakers (the others share the last index),
   - the latest scores of the utterances that are not final yet.
 Its size is bounded by `window` whatever the conversation's length, so the cost per utterance
 is constant. States are never mutated: `step` returns new ones.
@@ -69,10 +69,16 @@ class DialogueState:
 
 
 def assign_party(parties: dict[str, int], speaker: str, num_parties: int) -> tuple[dict[str, int], int]:
-    """Party index = order of first appearance, capped (same rule as offline `data.party_ids`)."""
+    """Party index = order of first appearance, capped (same rule as offline `party_ids`).
+
+    The map is bounded: it holds the first `num_parties - 1` speakers only. Every other speaker
+    gets the last index, as offline, so remembering them changes nothing (a conversation with a
+    new name per utterance no longer grows its state)."""
     if speaker in parties:
         return parties, parties[speaker]
-    idx = min(len(parties), num_parties - 1)
+    if len(parties) >= num_parties - 1:
+        return parties, num_parties - 1
+    idx = len(parties)
     return {**parties, speaker: idx}, idx
 
 
