@@ -12,12 +12,21 @@ Event rules (DESIGN.md, "Streaming semantics"), with L the model's lookahead:
   context (utterances already final are never re-scored into events again);
 - end of conversation (control message, or no utterance for `abandon_after_s`) -> `final` for every
   pending utterance, then the summary.
-Delivery: a message with seq <= last applied seq and the same content is a redelivery and is
-not applied again; with other content it is a seq regression and goes to the DLQ.
+Delivery: a message with seq <= last applied seq is a redelivery and is not applied again,
+unless its content provably differs (its seq is among the last `window` applied and its digest is
+not the one applied): that is a seq regression and goes to the DLQ.
+Gaps (README, "Seq gaps"): an utterance whose seq skips ahead is held (with its vector) until the
+missing seqs arrive; after `gap_wait_s` (event time), more than `window` held utterances, or the
+conversation's end, the held ones are applied in seq order and the first after each hole carries
+`gap: true`. A skipped seq that arrives after that goes to the DLQ as `seq_late`.
+Model changes (a rolling upgrade): the state records the model that wrote it; another model's
+state is not continued: its pending utterances get their finals under that model's id and scores,
+and the new model starts the context over (`context_reset`).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -40,6 +49,29 @@ class UttMeta:
     ts_received: float
     label: str | None = None  # last label emitted for it
     text: str | None = None  # only kept when text echo is on
+    gap: bool = False  # seqs before it were skipped (never arrived within the gap wait)
+
+
+@dataclass(frozen=True)
+class Held:
+    """An utterance that arrived after a hole in seq, waiting for the missing ones (no text kept
+    unless text echo is on: its encoder vector is enough to apply it later)."""
+
+    meta: UttMeta
+    digest: str
+    event_ts: float
+    vector: bytes  # float32
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": vars(self.meta), "digest": self.digest, "event_ts": self.event_ts,
+                "vector": base64.b64encode(self.vector).decode()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Held":
+        return cls(UttMeta(**d["meta"]), d["digest"], d["event_ts"], base64.b64decode(d["vector"]))
+
+
+MAX_SKIPPED = 64  # skipped seqs remembered (a late one goes to the DLQ as seq_late)
 
 
 @dataclass(frozen=True)
@@ -56,17 +88,34 @@ class Conversation:
     pending: dict[int, UttMeta] = field(default_factory=dict)  # model position -> utterance
     recent: dict[int, str] = field(default_factory=dict)  # seq -> content digest (last `window`)
     monitor: MonitorState = field(default_factory=MonitorState)  # alert rules and summary accumulators
+    # Who wrote it: the model ("name@version") and its labels (a state of another model is not
+    # continued, its pending utterances are finalised under its own id).
+    model_id: str | None = None
+    labels: tuple[str, ...] | None = None
+    held: dict[int, Held] = field(default_factory=dict)  # seq -> utterance waiting for a missing seq
+    skipped: tuple[int, ...] = ()  # seqs given up on (gap), newest last, at most MAX_SKIPPED
+    # Written by the state store: the fencing version (compare-and-set on every write) and the
+    # input partition the conversation was last saved from (an entry in another partition's
+    # timer sets is stale and never flushes it).
+    version: int = 0
+    partition: int | None = None
 
     def to_bytes(self) -> bytes:
         meta = {
+            "version": self.version,  # first: the store's Lua script reads it with a pattern
+            "partition": self.partition,
             "last_seq": self.last_seq,
             "ended": self.ended,
             "context_reset": self.context_reset,
             "last_activity": self.last_activity,
             "last_event_ts": self.last_event_ts,
             "ended_by": self.ended_by,
+            "model_id": self.model_id,
+            "labels": list(self.labels) if self.labels is not None else None,
             "pending": {str(p): vars(m) for p, m in self.pending.items()},
             "recent": {str(s): d for s, d in self.recent.items()},
+            "held": {str(q): h.to_dict() for q, h in self.held.items()},
+            "skipped": list(self.skipped),
             "monitor": self.monitor.to_dict(),
         }
         # json.dumps escapes newlines, so the first b"\n" ends the header.
@@ -88,7 +137,21 @@ class Conversation:
             pending={int(p): UttMeta(**m) for p, m in meta["pending"].items()},
             recent={int(s): d for s, d in meta["recent"].items()},
             monitor=MonitorState.from_dict(meta["monitor"]),
+            model_id=meta.get("model_id"),
+            labels=tuple(meta["labels"]) if meta.get("labels") is not None else None,
+            held={int(q): Held.from_dict(h) for q, h in meta.get("held", {}).items()},
+            skipped=tuple(meta.get("skipped", ())),
+            version=meta.get("version", 0),
+            partition=meta.get("partition"),
         )
+
+    def tombstone(self) -> "Conversation":
+        """What an ended conversation keeps for the TTL: enough to recognise redeliveries and late
+        utterances (last seq, recent digests, who wrote it, how it ended), not its model state,
+        alert accumulators or pending utterances (a few hundred bytes instead of tens of KB)."""
+        return Conversation(last_seq=self.last_seq, ended=True, ended_by=self.ended_by, context_reset=self.context_reset,
+                            last_activity=self.last_activity, last_event_ts=self.last_event_ts, recent=self.recent,
+                            model_id=self.model_id, skipped=self.skipped, version=self.version, partition=self.partition)
 
 
 @dataclass(frozen=True)
@@ -98,6 +161,8 @@ class StepConfig:
     window: int  # how many recent seqs are remembered for redelivery detection
     echo_text: bool = False
     rules: tuple[Rule, ...] = ()  # alert rules over final events (stream/rules/default.toml)
+    # Event time an utterance after a hole in seq waits for the missing ones (README, "Seq gaps").
+    gap_wait_s: float = 5.0
 
 
 @dataclass
@@ -107,6 +172,9 @@ class Outcome:
     duplicates: list[int] = field(default_factory=list)  # input indexes recognised as redelivered
     alerts: list[dict[str, Any]] = field(default_factory=list)
     summaries: list[dict[str, Any]] = field(default_factory=list)
+    gaps_filled: int = 0  # missing seqs that arrived while later ones were held
+    gaps_skipped: int = 0  # missing seqs given up on (the next utterance's events carry gap: true)
+    model_changes: int = 0  # conversations whose state another model wrote (context started over)
 
 
 def event_id(model_id: str, conversation_id: str, seq: int, status: str, horizon_seq: int | None = None) -> str:
@@ -133,6 +201,7 @@ def _event(cfg: StepConfig, cid: str, conv: Conversation, meta: UttMeta, probs: 
         "status": status,
         "model": _model(cfg),
         "context_reset": conv.context_reset,
+        "gap": meta.gap,
         "ts_produced": meta.ts_produced,
         "ts_received": meta.ts_received,
         "ts_emitted": now,
@@ -174,6 +243,15 @@ def _emit_scores(cfg: StepConfig, cid: str, conv: Conversation, scored: Sequence
     return replace(conv, pending=pending, monitor=monitor)
 
 
+def _writer_cfg(cfg: StepConfig, conv: Conversation) -> StepConfig:
+    """The config of the model that wrote `conv`: its pending scores are finalised under its own id
+    (and labels; alert rules only when the labels are the same)."""
+    if conv.model_id is None or conv.model_id == cfg.model_id:
+        return cfg
+    labels = conv.labels or cfg.labels
+    return replace(cfg, model_id=conv.model_id, labels=labels, rules=cfg.rules if labels == cfg.labels else ())
+
+
 def flush_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome) -> Conversation:
     """A pause (idle timeout): the pending utterances become final with their latest scores; the
     conversation stays open. The model state (window, forward GRU state) is kept, so a later
@@ -182,30 +260,44 @@ def flush_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float
     `_emit_scores` says nothing about them: a final is never revised or emitted twice."""
     dialogue, scored = finalize(conv.dialogue)
     conv = replace(conv, dialogue=dialogue)
-    return _emit_scores(cfg, cid, conv, scored, now, conv.last_seq, out)
+    return _emit_scores(_writer_cfg(cfg, conv), cid, conv, scored, now, conv.last_seq, out)
 
 
 def end_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome,
                      ended_by: str = "end") -> Conversation:
-    """Finalise the pending utterances, then publish the conversation's summary."""
+    """Finalise the pending utterances, publish the conversation's summary, keep a tombstone."""
     conv = flush_conversation(cfg, cid, conv, now, out)
     out.summaries.append(summarize(conv.monitor, cid, ended_by, _model(cfg), now))
-    return replace(conv, ended=True, ended_by=ended_by, last_activity=now)
+    return replace(conv, ended=True, ended_by=ended_by, last_activity=now).tombstone()
 
 
 def on_idle(cfg: StepConfig, conversations: dict[str, Conversation | None], abandoned: set[str] | frozenset[str],
-            now: float) -> tuple[dict[str, Conversation], Outcome]:
-    """The idle timer's step: conversations in `abandoned` (quiet for `abandon_after_s`) end with
+            now: float, model_step: "StepFn | None" = None, event_now: float | None = None,
+            flush: set[str] | None = None) -> tuple[dict[str, Conversation], Outcome]:
+    """The idle timer's step: held utterances whose gap wait is over (event time `event_now`) are
+    applied (`gap: true`); conversations in `abandoned` (quiet for `abandon_after_s`) end with
     their summary (ended_by "abandoned"); the others (quiet for `idle_finalize_s`) are flushed and
-    stay open. Returns the conversations that changed and what to publish."""
+    stay open (only those in `flush` when given: the others came for their held utterances).
+    Returns the conversations that changed and what to publish."""
     out = Outcome()
     changed: dict[str, Conversation] = {}
+    due = {}
     for cid, conv in conversations.items():
+        if conv is None or conv.ended or not conv.held:
+            continue
+        oldest = min(h.event_ts for h in conv.held.values())
+        if cid in abandoned or event_now is None or oldest <= event_now - cfg.gap_wait_s:
+            due[cid] = conv
+    if due and model_step is not None:
+        released, out = _run(cfg, model_step, due, {cid: [_RELEASE] for cid in due}, np.zeros((0, 0), np.float32), now, None)
+        changed.update(released)
+    for cid, conv in conversations.items():
+        conv = changed.get(cid, conv)
         if conv is None or conv.ended:
             continue
         if cid in abandoned:
             changed[cid] = end_conversation(cfg, cid, conv, now, out, ended_by="abandoned")
-        elif conv.pending:
+        elif conv.pending and (flush is None or cid in flush) and cid not in due:
             changed[cid] = flush_conversation(cfg, cid, conv, now, out)
     return changed, out
 
@@ -237,6 +329,8 @@ class PartitionClock:
 
 StepFn = Callable[[list[DialogueState], np.ndarray, list[str]], tuple[list[DialogueState], list[list[Scored]]]]
 
+_RELEASE = "release"  # queue item: apply every held utterance now (gap wait over, end, too many held)
+
 
 def step(
     cfg: StepConfig,
@@ -254,59 +348,108 @@ def step(
     r-th input in round r), so order within a conversation is kept while the model still sees
     every conversation of the round at once.
     """
-    convs: dict[str, Conversation | None] = dict(conversations)
-    out = Outcome()
-    queues: dict[str, list[int]] = {}
+    queues: dict[str, list] = {}
     for i, item in enumerate(inputs):
         queues.setdefault(item.conversation_id, []).append(i)
-    rounds = max((len(q) for q in queues.values()), default=0)
-    for r in range(rounds):
-        batch: list[tuple[str, int]] = []
+    return _run(cfg, model_step, dict(conversations), queues, vectors, now, [inputs, event_ts], Outcome())
+
+
+def _run(cfg, model_step, convs, queues, vectors, now, source, out: Outcome | None = None):
+    """The round loop behind `step` and the timer's gap release. A queue holds input indexes and
+    `_RELEASE`; applying seq s puts held seq s + 1 at the head of its conversation's queue."""
+    out = out or Outcome()
+    inputs, event_ts = source if source is not None else ((), None)
+    queues = {cid: list(q) for cid, q in queues.items()}
+    while any(queues.values()):
+        batch: list[tuple[str, UttMeta, str, float, np.ndarray, int | None]] = []
         for cid, q in queues.items():
-            if r >= len(q):
+            if not q:
                 continue
-            i = q[r]
-            item = inputs[i]
+            work = q.pop(0)
             conv = convs.get(cid)
+            if conv is not None and not conv.ended and conv.model_id not in (None, cfg.model_id):
+                conv = convs[cid] = _restart_for_model(cfg, cid, conv, now, out)
+            if work == _RELEASE or isinstance(work, tuple):
+                if conv is None or conv.ended or not conv.held or (work != _RELEASE and work[1] not in conv.held):
+                    continue
+                seq = min(conv.held) if work == _RELEASE else work[1]
+                held = conv.held[seq]
+                rest = {k: v for k, v in conv.held.items() if k != seq}
+                gap = seq != conv.last_seq + 1
+                if gap:
+                    skipped = tuple(range(conv.last_seq + 1, seq))
+                    out.gaps_skipped += len(skipped)
+                    conv = replace(conv, skipped=(conv.skipped + skipped[-MAX_SKIPPED:])[-MAX_SKIPPED:])
+                convs[cid] = replace(conv, held=rest)
+                if work == _RELEASE and rest:
+                    q.insert(0, _RELEASE)  # the rest after this one, in seq order
+                batch.append((cid, replace(held.meta, gap=gap, ts_received=held.meta.ts_received), held.digest,
+                              held.event_ts, np.frombuffer(held.vector, dtype=np.float32), None))
+                continue
+            i = work
+            item = inputs[i]
             if isinstance(item, End):
                 if conv is None or conv.ended:
                     continue  # nothing pending: an end for an unknown or ended conversation is a no-op
+                if conv.held:  # the missing seqs will not come: apply the held ones first
+                    q[:0] = [_RELEASE, i]
+                    continue
                 convs[cid] = end_conversation(cfg, cid, conv, now, out)
                 continue
             verdict = _admit(conv, item)
             if verdict == "duplicate":
                 out.duplicates.append(i)
-            elif isinstance(verdict, Rejected):
+                continue
+            if isinstance(verdict, Rejected):
                 out.rejected.append((i, verdict))
-            else:
-                batch.append((cid, i))
+                continue
+            ts = now if event_ts is None else event_ts[i]
+            meta = UttMeta(item.seq, item.speaker, item.role, item.ts, now, text=item.text if cfg.echo_text else None)
+            if verdict == "hold":
+                held = {**conv.held, item.seq: Held(meta, item.digest, ts, np.asarray(vectors[i], np.float32).tobytes())}
+                convs[cid] = replace(conv, held=held)
+                if len(held) > cfg.window:  # bounded: do not wait for more than a window's worth
+                    q.insert(0, _RELEASE)
+                continue
+            if conv is not None and conv.held and item.seq in range(conv.last_seq + 1, min(conv.held)):
+                out.gaps_filled += 1
+            batch.append((cid, meta, item.digest, ts, vectors[i], i))
         if not batch:
             continue
         states = []
-        for cid, i in batch:
+        for cid, meta, *_ in batch:
             conv = convs.get(cid)
-            item = inputs[i]
             if conv is None:
                 # No state: a new conversation, or its state was lost (Redis flushed, TTL):
                 # start over and flag the events unless this is its first utterance.
-                conv = Conversation(context_reset=item.seq > 0)
+                conv = Conversation(context_reset=meta.seq > 0)
             convs[cid] = conv
             states.append(conv.dialogue)
-        speakers = [inputs[i].speaker for _, i in batch]
-        new_states, scored = model_step(states, vectors[[i for _, i in batch]], speakers)
-        for (cid, i), dialogue, sc in zip(batch, new_states, scored):
-            item = inputs[i]
+        speakers = [meta.speaker for _, meta, *_ in batch]
+        new_states, scored = model_step(states, np.stack([np.asarray(v, np.float32) for *_, v, _ in batch]), speakers)
+        for (cid, meta, digest, ts, _, _), dialogue, sc in zip(batch, new_states, scored):
             conv = convs[cid]
             position = dialogue.seen - 1
-            meta = UttMeta(item.seq, item.speaker, item.role, item.ts, now, text=item.text if cfg.echo_text else None)
-            recent = {s: d for s, d in conv.recent.items() if s > item.seq - cfg.window}
-            recent[item.seq] = item.digest
-            ts = now if event_ts is None else event_ts[i]
-            conv = replace(conv, dialogue=dialogue, last_seq=item.seq, last_activity=now,
-                           last_event_ts=max(conv.last_event_ts, ts), pending={**conv.pending, position: meta}, recent=recent)
-            convs[cid] = _emit_scores(cfg, cid, conv, sc, now, item.seq, out)
+            recent = {s: d for s, d in conv.recent.items() if s > meta.seq - cfg.window}
+            recent[meta.seq] = digest
+            conv = replace(conv, dialogue=dialogue, last_seq=meta.seq, last_activity=now, model_id=cfg.model_id,
+                           labels=tuple(cfg.labels), last_event_ts=max(conv.last_event_ts, ts),
+                           pending={**conv.pending, position: meta}, recent=recent)
+            convs[cid] = _emit_scores(cfg, cid, conv, sc, now, meta.seq, out)
+            if meta.seq + 1 in conv.held:  # the hole before it is filled: the held one follows
+                queues.setdefault(cid, []).insert(0, ("held", meta.seq + 1))
     # Conversations still without state (an `end` for an unknown one, say) have nothing to store.
     return {cid: c for cid, c in convs.items() if c is not None}, out
+
+
+def _restart_for_model(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome) -> Conversation:
+    """Another model wrote this state (a rolling upgrade): its GRU state and vectors mean nothing to
+    this model. Its pending utterances get their finals under its own id and scores; the context
+    starts over (`context_reset`); seq bookkeeping, held utterances and the summary carry on."""
+    conv = flush_conversation(cfg, cid, conv, now, out)
+    out.model_changes += 1
+    return replace(conv, dialogue=DialogueState(), pending={}, context_reset=True, model_id=cfg.model_id,
+                   labels=tuple(cfg.labels))
 
 
 def _admit(conv: Conversation | None, item: Utterance) -> str | Rejected:
@@ -315,10 +458,20 @@ def _admit(conv: Conversation | None, item: Utterance) -> str | Rejected:
     if item.seq <= conv.last_seq:
         if conv.recent.get(item.seq) == item.digest:
             return "duplicate"
-        if item.seq in conv.recent:
+        if item.seq in conv.recent:  # provably different content
             return Rejected("seq_regression", f"seq {item.seq} repeats with different content (last applied seq {conv.last_seq})")
-        return Rejected("seq_regression", f"seq {item.seq} goes backwards (last applied seq {conv.last_seq})")
+        if item.seq in conv.skipped:
+            return Rejected("seq_late", f"seq {item.seq} arrived after the gap wait; the conversation went on without it "
+                                        f"(last applied seq {conv.last_seq})")
+        # Older than the digests kept: a redelivery (after a rebalance or a restart from an old
+        # committed offset); nothing says its content differs.
+        return "duplicate"
     if conv.ended:
         how = "it was abandoned (no utterance for the abandonment timeout)" if conv.ended_by == "abandoned" else "its end message"
         return Rejected("conversation_ended", f"seq {item.seq} arrived after the conversation ended ({how}; last seq {conv.last_seq})")
+    if item.seq in conv.held:
+        return "duplicate" if conv.held[item.seq].digest == item.digest else Rejected(
+            "seq_regression", f"seq {item.seq} repeats with different content (it is waiting for a missing seq)")
+    if item.seq > conv.last_seq + 1:
+        return "hold"
     return "apply"
