@@ -6,6 +6,7 @@ import torch
 
 from model.modeling import EmotionSIModel
 from model.runtime import Scorer
+from stream.contract import validate_event
 from stream.logic import Conversation, StepConfig, event_id, step
 from stream.validate import End, Utterance
 from tests.conftest import tiny_config
@@ -210,3 +211,104 @@ def test_settings_need_an_abandonment_timeout_longer_than_the_idle_timeout():
     assert Settings().abandon_after_s == 1800.0
     with pytest.raises(ValidationError, match="ABANDON_AFTER_S"):
         Settings(idle_finalize_s=60, abandon_after_s=30)
+
+
+# ---- issue 13: seq gaps (6), model changes (7), old redeliveries (8), bounded state (10) -------
+
+def test_a_gap_waits_for_the_missing_seq_and_is_filled_without_a_flag(scorer):
+    convs, _ = run(scorer, {"g": None}, [utt("g", 0), utt("g", 1)])
+    convs, out = run(scorer, convs, [utt("g", 3)])  # 2 is missing: 3 waits
+    assert out.events == [] and sorted(convs["g"].held) == [3] and not out.rejected
+    convs, out = run(scorer, convs, [utt("g", 2)])  # the hole is filled: 2, then 3, in order
+    assert [e["seq"] for e in out.events if e["status"] == "provisional"] == [2, 3]
+    assert not any(e["gap"] for e in out.events) and out.gaps_filled == 1 and out.gaps_skipped == 0
+    assert convs["g"].last_seq == 3 and not convs["g"].held
+    # the same scores as a conversation that never had the hole
+    _, ref = run(scorer, {"h": None}, [utt("g", i) for i in range(4)])
+    key = lambda e: (e["seq"], e["status"], tuple(e["scores"].values()))  # noqa: E731
+    assert sorted(map(key, out.events)) == sorted(key(e) for e in ref.events if e["ts_emitted"] and any(
+        (x["seq"], x["status"]) == (e["seq"], e["status"]) for x in out.events))
+
+
+def test_a_gap_not_filled_within_the_wait_is_applied_with_a_gap_flag(scorer):
+    from stream.logic import on_idle
+
+    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, gap_wait_s=5.0)
+    convs, _ = run(scorer, {"g": None}, [utt("g", 0)])
+    convs, _ = run(scorer, convs, [utt("g", 2), utt("g", 3)])  # 1 never comes
+    assert sorted(convs["g"].held) == [2, 3]
+    held_ts = convs["g"].held[2].event_ts  # 1000.0 (run's now)
+    changed, out = on_idle(cfg, convs, set(), 2000.0, scorer.step, event_now=held_ts + 1, flush=set())  # not yet
+    assert not changed and not out.events
+    changed, out = on_idle(cfg, convs, set(), 2000.0, scorer.step, event_now=held_ts + 6, flush=set())
+    prov = [e for e in out.events if e["status"] == "provisional"]
+    assert [(e["seq"], e["gap"]) for e in prov] == [(2, True), (3, False)] and out.gaps_skipped == 1
+    assert changed["g"].last_seq == 3 and changed["g"].skipped == (1,)
+    for e in out.events:
+        validate_event(e, "emotion-event")
+    # the missing one arriving now is not lost silently: it is dead-lettered as late
+    _, out = run(scorer, changed, [utt("g", 1)])
+    assert [r.error for _, r in out.rejected] == ["seq_late"]
+
+
+def test_an_end_applies_the_held_utterances_first(scorer):
+    convs, _ = run(scorer, {"g": None}, [utt("g", 0)])
+    convs, out = run(scorer, convs, [utt("g", 5), End("g", None)])
+    assert sorted(finals(out.events)) == [("g", 0), ("g", 5)] and out.summaries and convs["g"].ended
+    assert [e["gap"] for e in out.events if e["seq"] == 5] == [True] * len([e for e in out.events if e["seq"] == 5])
+
+
+def test_held_utterances_are_bounded_by_the_window(scorer):
+    convs, _ = run(scorer, {"g": None}, [utt("g", 0)])
+    convs, out = run(scorer, convs, [utt("g", s) for s in range(2, 2 + scorer.window + 1)])
+    assert not convs["g"].held and convs["g"].last_seq == 1 + scorer.window + 1 and out.gaps_skipped == 1
+
+
+def test_an_old_redelivery_beyond_the_recent_digests_is_a_duplicate(scorer):
+    convs, _ = run(scorer, {"c": None}, [utt("c", i) for i in range(12)])
+    assert 0 not in convs["c"].recent  # window 4: seq 0's digest is no longer kept
+    _, out = run(scorer, convs, [utt("c", 0), utt("c", 0, text="other words")])
+    assert out.duplicates == [0, 1] and not out.rejected and not out.events
+    # within the digests kept, other content is still provably a regression
+    _, out = run(scorer, convs, [utt("c", 11, text="other words")])
+    assert [r.error for _, r in out.rejected] == ["seq_regression"]
+
+
+def test_a_state_of_another_model_is_not_continued(scorer):
+    torch.manual_seed(6)
+    other = Scorer.from_model(EmotionSIModel(tiny_config(lookahead=2, window=4)), "tiny", "2")
+    convs, _ = run(scorer, {"m": None}, [utt("m", i) for i in range(4)])  # 2 and 3 pending under tiny@1
+    assert convs["m"].model_id == "tiny@1" and sorted(m.seq for m in convs["m"].pending.values()) == [2, 3]
+    convs2, out = run(other, convs, [utt("m", 4)])
+    old = [e for e in out.events if e["model"]["version"] == "1"]
+    assert [(e["seq"], e["status"]) for e in old] == [(2, "final"), (3, "final")]
+    pending = convs["m"].dialogue.pending
+    for e, pos in zip(old, sorted(pending)):  # the old model's own latest scores
+        np.testing.assert_allclose([e["scores"][lab] for lab in scorer.labels], pending[pos], atol=1e-5)
+    new = [e for e in out.events if e["model"]["version"] == "2"]
+    assert [(e["seq"], e["status"], e["context_reset"]) for e in new] == [(4, "provisional", True)]
+    assert convs2["m"].model_id == "tiny@2" and convs2["m"].dialogue.seen == 1 and out.model_changes == 1
+    # the same as the new model starting on seq 4 alone
+    _, ref = run(other, {"m": None}, [utt("m", 4)])
+    assert new[0]["scores"] == ref.events[0]["scores"]
+
+
+def test_ended_conversations_keep_a_small_tombstone(scorer):
+    convs, _ = run(scorer, {"t": None}, [utt("t", i) for i in range(30)] + [End("t", None)])
+    tomb = convs["t"]
+    assert tomb.ended and tomb.dialogue.vectors is None and len(tomb.to_bytes()) < 1500
+    _, out = run(scorer, convs, [utt("t", 3), utt("t", 30)])  # redelivery; then after the end
+    assert out.duplicates == [0] and [r.error for _, r in out.rejected] == ["conversation_ended"]
+
+
+def test_the_speaker_map_is_bounded_and_streaming_still_equals_offline(scorer):
+    speakers = [f"spk-{i}" for i in range(40)] + ["spk-0", "spk-3", "spk-39"]
+    items = [utt("p", i, speaker=s) for i, s in enumerate(speakers)]
+    convs, _ = run(scorer, {"p": None}, items)
+    P = scorer.model.cfg.num_parties
+    assert len(convs["p"].dialogue.parties) <= P - 1
+    # the party ids the stream used are those offline scoring uses
+    first_seen = list(dict.fromkeys(speakers))  # offline rule: order of first appearance, capped at P - 1
+    offline = [min(first_seen.index(s), P - 1) for s in speakers]
+    ids = list(convs["p"].dialogue.party_ids)
+    assert ids == offline[-len(ids):]
