@@ -38,6 +38,16 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """The one device rule: "auto" = CUDA when torch sees one, else the CPU; an explicit CUDA device
+    on a machine without one is an error that says what to use instead."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
 def tensorrt_available() -> bool:
     return importlib.util.find_spec("torch_tensorrt") is not None
 

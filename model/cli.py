@@ -95,10 +95,15 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from model.artifact import load_artifact
-    from model.backends import build_encoder, choose_backend, compile_tensorrt, export_encoder
-    from model.inference import tokenize
+    from model.backends import (
+        build_encoder,
+        choose_backend,
+        compile_tensorrt,
+        export_encoder,
+        resolve_device,
+    )
     from model.encoders import load_tokenizer
-    from model.runtime import resolve_device
+    from model.encoding import tokenize
 
     device = resolve_device(args.device)
     model, _ = load_artifact(args.model, device)
@@ -141,8 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from model.config import ModelConfig, TrainConfig
-    from model.data import default_data_dir
-    from model.train import Trainer
+    from model.training.data import default_data_dir
+    from model.training.trainer import Trainer
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -182,16 +187,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_soup(args: argparse.Namespace) -> int:
-    from model.soup import run_soup as soup
+    from model.training.soup import run_soup as soup
 
     return soup(args)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from model.artifact import load_artifact
-    from model.data import load_dataset
-    from model.evaluate import evaluate, plot_confusion
     from model.encoders import load_tokenizer
+    from model.offline import MODES
+    from model.training.data import load_dataset
+    from model.training.evaluate import evaluate, plot_confusion
 
     model, config = load_artifact(args.model)
     dialogues = load_dataset(args.dataset, args.data)
@@ -201,7 +207,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics["model"] = f"{config['name']}@{config['version']}"
     metrics["confusion_png"] = str(plot)
     print(f"{metrics['n_utterances']} utterances, model {metrics['model']}")
-    for mode in ("offline", "final", "provisional"):
+    for mode in MODES:
         per = "  ".join(f"{k} {v:.1f}" for k, v in metrics["per_class"][mode].items())
         print(f"  {mode:<12} weighted-F1 {metrics[f'weighted_f1_{mode}']:6.2f}   per class: {per}")
     print(f"confusion matrix (final): {plot}")
@@ -224,7 +230,7 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from model.data import check_data_dir, default_data_dir
+    from model.training.data import check_data_dir, default_data_dir
 
     report = check_data_dir(args.data_dir or default_data_dir())
     print(f"data dir: {report['data_dir']}")

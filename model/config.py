@@ -116,12 +116,12 @@ class TrainConfig:
     ema_decay: float = 0.0
     # Knowledge distillation: artifact folders of trained runs (same lookahead and window) whose
     # mean probabilities the model also learns, weighted by distill_weight, at distill_temperature
-    # (model/distill.py). Empty = plain training.
+    # (model/training/distill.py). Empty = plain training.
     teachers: tuple[str, ...] = ()
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
     # Compute the frozen lower encoder layers once per text and train only the top layers over
-    # that cache (model/hidden_cache.py): what makes a 12-layer MPNet trainable on a CPU. The lower
+    # that cache (model/training/hidden_cache.py): what makes a 12-layer MPNet trainable on a CPU. The lower
     # layers then run without dropout; off = the whole encoder in every step (the MiniLM recipes).
     cache_hidden: bool = False
     max_train_dialogues: int | None = None  # for smoke runs

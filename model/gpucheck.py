@@ -29,8 +29,8 @@ import torch
 
 from model.artifact import load_artifact
 from model.backends import BackendUnavailable, build_encoder, tensorrt_available
-from model.inference import encode_texts, tokenize
 from model.encoders import load_tokenizer
+from model.encoding import encode_texts, tokenize
 from model.streaming import DialogueState, step
 
 BATCHES = (1, 8, 32, 64, 128, 256)

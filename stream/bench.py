@@ -348,7 +348,7 @@ def run_bench(args) -> int:
 async def _bench(args) -> int:
     from rich.console import Console
 
-    from model.runtime import Scorer
+    from model.scorer import Scorer
     from stream.localrun import local_worker_env, wait_all_assigned
     from stream.pathbench import format_stages
     from stream.localstack import local_stack

@@ -507,7 +507,7 @@ def run_worker(settings: Settings) -> None:
     """Load the model, make sure the topics exist, then hand over to faust's worker."""
     import faust
 
-    from model.runtime import Scorer
+    from model.scorer import Scorer
     from stream.localstack import create_topics
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

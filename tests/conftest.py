@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig, TinyEncoderConfig
-from model.data import MELD_LABELS, SPEAKERS
+from model.training.data import MELD_LABELS, SPEAKERS
 
 
 def tiny_config(**over) -> ModelConfig:

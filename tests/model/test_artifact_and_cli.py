@@ -6,9 +6,9 @@ import torch
 
 from model.artifact import load_artifact, save_artifact
 from model.cli import main as model_cli
-from model.data import load_meld
-from model.inference import score_dialogues
 from model.modeling import EmotionSIModel
+from model.offline import score_dialogues
+from model.training.data import load_meld
 from tests.conftest import tiny_config, write_meld_csv
 
 
@@ -56,8 +56,8 @@ def test_train_then_evaluate_cli_on_tiny_data(data_dir, tmp_path, capsys, extra)
 
 
 def test_evaluate_rejects_labels_of_another_dataset(data_dir, tmp_path, tokenizer):
-    from model.data import load_emorynlp
-    from model.evaluate import evaluate
+    from model.training.data import load_emorynlp
+    from model.training.evaluate import evaluate
 
     model = EmotionSIModel(tiny_config()).eval()
     dls = load_emorynlp(data_dir / "emorynlp" / "emotion-detection-dev.json")

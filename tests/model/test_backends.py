@@ -1,9 +1,16 @@
 import pytest
 import torch
 
-from model.backends import (BackendUnavailable, build_encoder, choose_backend, export_encoder, load_exported,
-                            onnxruntime_available, tensorrt_available)
-from model.inference import tokenize
+from model.backends import (
+    BackendUnavailable,
+    build_encoder,
+    choose_backend,
+    export_encoder,
+    load_exported,
+    onnxruntime_available,
+    tensorrt_available,
+)
+from model.encoding import tokenize
 from model.modeling import EmotionSIModel
 from tests.conftest import tiny_config
 
@@ -89,7 +96,7 @@ def test_scorer_with_the_compile_backend_encodes_like_eager_on_cpu(tmp_path):
     """The worker's path (Scorer.encode) with EMOTION_MONITOR_BACKEND=compile: a compiled module
     has no truth value, which once made `encode_fn or model.encode` raise."""
     from model.artifact import save_artifact
-    from model.runtime import Scorer
+    from model.scorer import Scorer
 
     torch.manual_seed(0)
     path = save_artifact(EmotionSIModel(tiny_config()).eval(), tmp_path / "art", name="tiny", version="1")

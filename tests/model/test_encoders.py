@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from model import encoders
-from model.artifact import load_artifact, save_artifact
+from model.artifact import save_artifact
 from model.config import ModelConfig
-from model.data import MELD_LABELS, SPEAKERS, load_meld
-from model.hidden_cache import build_cache
-from model.inference import encode_texts, score_dialogues
+from model.encoding import encode_texts, normalize_text
 from model.modeling import EmotionSIModel
-from model.runtime import Scorer
-from model.text import normalize_text
+from model.offline import score_dialogues
+from model.scorer import Scorer
+from model.training.data import MELD_LABELS, SPEAKERS, load_meld
+from model.training.hidden_cache import build_cache
 from tests.conftest import tiny_config, write_meld_csv
 
 RAW = ["You must\u2019ve had your hands full.", "I don\x92t  know\u2026", "\u201cWhat?!\u201d  \u2014 no way", "plain text"]

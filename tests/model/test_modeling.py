@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import Dialogue, Utterance
-from model.inference import encode_texts, pad_dialogues, score_dialogues
+from model.dialogue import Dialogue, Utterance
+from model.encoding import encode_texts
 from model.modeling import EmotionSIModel, emotion_si_loss
+from model.offline import pad_dialogues, score_dialogues
 from model.streaming import DialogueState, finalize, step
 from tests.conftest import tiny_config
 
@@ -132,7 +133,7 @@ def test_loss_ignores_unlabelled_targets():
 
 
 def test_length_buckets_respect_batch_size_and_token_budget():
-    from model.inference import length_buckets
+    from model.encoding import length_buckets
 
     lengths = [5, 60, 7, 6, 64, 8, 5, 9]
     groups = length_buckets(lengths, max_batch=3, token_budget=100)
@@ -148,7 +149,7 @@ def test_length_buckets_respect_batch_size_and_token_budget():
 def test_weight_ema_averages_and_swaps_back():
     """EMA shadow = lerp towards the weights after each step; swapped in for evaluation, then the
     raw weights come back untouched. Frozen parameters are not tracked."""
-    from model.train import WeightEMA
+    from model.training.trainer import WeightEMA
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     net[1].weight.requires_grad_(False)

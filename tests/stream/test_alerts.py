@@ -368,7 +368,7 @@ def test_random_conversations(steps):
 
 
 def test_shipped_rules_exist_for_both_shipped_label_sets():
-    from model.data import EMORYNLP_LABELS, MELD_LABELS
+    from model.training.data import EMORYNLP_LABELS, MELD_LABELS
     from stream.alerts import check_labels, load_rules
 
     for labels in (MELD_LABELS, EMORYNLP_LABELS):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from model.cli import main as model_cli
-from model.data import load_jsonl
+from model.training.data import load_jsonl
 from stream.localstack import create_topics
 from tests.jsonl_corpus import LABELS, TINY_RECIPE, write_corpus
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from model.artifact import load_artifact
-from model.data import Dialogue, Utterance
-from model.inference import score_dialogues
+from model.dialogue import Dialogue, Utterance
+from model.offline import score_dialogues
 from model.encoders import load_tokenizer
 from stream.contract import validate_event
 from stream.localstack import create_topics

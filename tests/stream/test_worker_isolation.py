@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 import torch
 
 from model.modeling import EmotionSIModel
-from model.runtime import Scorer
+from model.scorer import Scorer
 from stream.settings import Settings
 from stream.state_store import StateStore
 from stream.worker import BatchProcessor

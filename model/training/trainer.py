@@ -20,14 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import data as D
 from model.artifact import save_artifact, stored_state
+from model.backends import resolve_device
 from model.config import ModelConfig, TrainConfig
-from model.distill import distillation_loss, teacher_probs
-from model.evaluate import evaluate, plot_confusion
-from model.inference import encode_bucketed, pad_dialogues
 from model.encoders import build_model, load_tokenizer
+from model.encoding import encode_bucketed
 from model.modeling import emotion_si_loss
+from model.offline import MODES, pad_dialogues
+from model.training import data as D
+from model.training.distill import distillation_loss, teacher_probs
+from model.training.evaluate import evaluate, plot_confusion
 
 MODEL_VERSION = "0.1.0"
 
@@ -36,10 +38,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Trainer:
@@ -52,7 +50,7 @@ class Trainer:
         self.train_file, self.dev_file = train_file, dev_file
         self.out_dir = Path(out_dir) if out_dir else None
         self.quiet = quiet
-        self.device = pick_device()
+        self.device = resolve_device("auto")
         self.history: list[dict[str, Any]] = []
         # Length-sorted encoder chunks: small ones cut padding on CPU; a GPU wants big ones.
         self.encode_batch = 256 if self.device.type == "cuda" else 32
@@ -153,7 +151,7 @@ class Trainer:
             return
         from rich.progress import Progress
 
-        from model.hidden_cache import build_cache, cache_path
+        from model.training.hidden_cache import build_cache, cache_path
 
         texts = [u.text for ds in (self.train_set, self.dev_set, self.si_set) for d in ds for u in d.utterances]
         path = cache_path(self.model, texts, self.model_cfg.max_tokens)
@@ -243,7 +241,14 @@ class Trainer:
         return out
 
     def train(self) -> dict[str, Any]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         cfg = self.cfg
         best, best_state = -1.0, None
@@ -375,7 +380,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Pat
     a.set_xlabel("epoch")
     a.set_ylabel("training loss")
     a.legend()
-    for mode in ("offline", "final", "provisional"):
+    for mode in MODES:
         b.plot(ep, [h[f"weighted_f1_{mode}"] for h in history], "o-", label=mode)
     b.set_xlabel("epoch")
     b.set_ylabel("dev weighted-F1 (%)")

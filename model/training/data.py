@@ -2,7 +2,7 @@
 
 Everything is read in place from a data directory (never copied into the project). Loaders
 return plain `Dialogue` objects; labels are names, mapped to indices by the caller. Utterance
-text is kept as the file spells it: the encoder's input path normalises it (model/text.py), the
+text is kept as the file spells it: the encoder's input path normalises it (model/encoding.py), the
 same way for training, evaluation and the worker.
 """
 
@@ -12,10 +12,10 @@ import csv
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-from model.text import normalize_text
+from model.dialogue import Dialogue, Utterance
+from model.encoding import normalize_text
 
 MELD_LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 EMORYNLP_LABELS = ("Neutral", "Joyful", "Peaceful", "Powerful", "Scared", "Mad", "Sad")
@@ -37,22 +37,6 @@ SOURCES = {
     "friends": ("Friends transcripts with speakers (character-mining; the `friends` R package)",
                 "https://github.com/emorynlp/character-mining and https://github.com/EmilHvitfeldt/friends", "Apache-2.0 (character-mining) / MIT (R package); transcripts (c) Warner Bros."),
 }
-
-
-@dataclass(frozen=True)
-class Utterance:
-    text: str
-    speaker: str
-    emotion: str | None = None
-
-
-@dataclass(frozen=True)
-class Dialogue:
-    id: str
-    utterances: tuple[Utterance, ...]
-
-    def __len__(self) -> int:
-        return len(self.utterances)
 
 
 def default_data_dir() -> Path:
@@ -266,15 +250,4 @@ def chunk(dialogues: Iterable[Dialogue], size: int) -> list[Dialogue]:
     for d in dialogues:
         for i in range(0, len(d), size):
             out.append(Dialogue(f"{d.id}#{i}", d.utterances[i : i + size]))
-    return out
-
-
-def party_ids(speakers: Iterable[str], num_parties: int) -> list[int]:
-    """Order of first appearance of each speaker in the conversation, capped at num_parties - 1."""
-    seen: dict[str, int] = {}
-    out = []
-    for s in speakers:
-        if s not in seen:
-            seen[s] = min(len(seen), num_parties - 1)
-        out.append(seen[s])
     return out

@@ -13,17 +13,10 @@ import numpy as np
 import torch
 
 from model.artifact import load_artifact
-from model.inference import encode_texts
+from model.backends import resolve_device
 from model.encoders import load_tokenizer
+from model.encoding import encode_texts
 from model.streaming import DialogueState, Scored, step
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
-    return torch.device(device)
 
 
 class Scorer:

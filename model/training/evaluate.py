@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, f1_score
 
-from model.data import Dialogue
-from model.inference import MODES, score_dialogues
+from model.dialogue import Dialogue
+from model.offline import MODES, score_dialogues
 
 
 def gold_labels(dialogues: Sequence[Dialogue], labels: Sequence[str]) -> np.ndarray:

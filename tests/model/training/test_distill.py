@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from model.cli import main as model_cli
-from model.data import load_meld
-from model.distill import distillation_loss, teacher_probs, views
-from tests.model.test_soup import _train
+from model.training.data import load_meld
+from model.training.distill import distillation_loss, teacher_probs, views
+from tests.model.training.test_soup import _train
 
 
 def test_teacher_probs_are_the_mean_of_the_teachers_views(data_dir, tmp_path, tokenizer):
     from model.artifact import load_artifact
-    from model.inference import encode_texts, pad_dialogues
+    from model.encoding import encode_texts
+    from model.offline import pad_dialogues
 
     a, b = _train(data_dir, tmp_path, "a", 7), _train(data_dir, tmp_path, "b", 8)
     dialogues = load_meld(data_dir / "meld" / "train_sent_emo.csv")

@@ -1,6 +1,6 @@
 """Run many training configurations (ablations x seeds) in parallel and tabulate dev scores.
 
-    python -m model.sweep --plan model/configs/ablations.toml --data-dir DIR --out runs/ablations --jobs 4
+    python -m model.training.sweep --plan model/configs/ablations.toml --data-dir DIR --out runs/ablations --jobs 4
 
 Each run is `emotion-monitor train` in its own process (one GPU is shared well by many small
 runs: they are latency-bound). The table (mean and standard deviation over seeds) goes to
@@ -19,7 +19,7 @@ import time
 import tomllib
 from pathlib import Path
 
-MODES = ("offline", "final", "provisional")
+from model.offline import MODES
 
 
 def plan_runs(plan: dict) -> list[dict]:
@@ -79,7 +79,7 @@ def summarize(jobs: list[dict], out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m model.training.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", type=Path, required=True,
                    help="TOML with seeds = [...], an optional set = {...} for every run, and [runs.NAME] tables (dataset, set = {...})")
     p.add_argument("--data-dir", type=Path, required=True)

@@ -5,9 +5,9 @@ import json
 import jsonschema
 import pytest
 
-from model import data as D
 from model.artifact import load_artifact
 from model.cli import main as model_cli
+from model.training import data as D
 from tests.jsonl_corpus import LABELS, TINY_RECIPE, write_corpus
 
 
@@ -15,7 +15,7 @@ def test_loader_orders_by_seq_and_the_schema_accepts_every_line(tmp_path):
     path = write_corpus(tmp_path / "train.jsonl", 5, seed=1)
     dls = D.load_jsonl(path)
     assert len(dls) == 5 and all(len(d) >= 3 for d in dls)
-    schema = json.loads((D.Path(D.__file__).parent / "schemas" / "labelled-utterance.schema.json").read_text())
+    schema = json.loads((D.Path(D.__file__).parents[1] / "schemas" / "labelled-utterance.schema.json").read_text())
     for line in path.read_text().splitlines():
         jsonschema.validate(json.loads(line), schema)
     assert D.labels_of(dls) == tuple(sorted({u.emotion for d in dls for u in d.utterances}))

@@ -1,5 +1,6 @@
-from model import data as D
-from model.text import normalize_text
+from model.dialogue import party_ids
+from model.encoding import normalize_text
+from model.training import data as D
 from tests.conftest import write_emorynlp_json, write_friends_jsonl, write_meld_csv
 
 
@@ -7,7 +8,7 @@ def test_meld_loader_groups_orders_and_keeps_the_files_spelling(tmp_path):
     dls = D.load_meld(write_meld_csv(tmp_path / "m.csv"))
     assert [len(d) for d in dls] == [4, 3, 2]
     first = dls[0].utterances
-    # The text as the file spells it: the encoder's input path normalises (model/text.py).
+    # The text as the file spells it: the encoder's input path normalises (model/encoding.py).
     assert first[0].text == "also I was the point person on my company\u2019s transition."
     assert normalize_text(first[0].text) == "also I was the point person on my company's transition."
     assert first[3].speaker == "All" and first[3].emotion == "surprise"  # kept despite the id gap
@@ -43,4 +44,4 @@ def test_friends_loader_drops_directions_and_excludes_dev_scenes(tmp_path):
 
 
 def test_party_ids_follow_first_appearance():
-    assert D.party_ids(["b", "a", "b", "c", "d"], num_parties=3) == [0, 1, 0, 2, 2]
+    assert party_ids(["b", "a", "b", "c", "d"], num_parties=3) == [0, 1, 0, 2, 2]

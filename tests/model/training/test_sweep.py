@@ -3,9 +3,9 @@
 import tomllib
 from pathlib import Path
 
-from model.sweep import plan_runs
+from model.training.sweep import plan_runs
 
-CONFIGS = Path(__file__).resolve().parents[2] / "model" / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "model" / "configs"
 
 
 def test_plan_level_set_applies_to_every_run_and_a_run_overrides_it():
@@ -42,7 +42,7 @@ data_seeds = [1, 2]
 [runs.single]
 dataset = "meld"
 ''')
-    from model.sweep import run_dir_name
+    from model.training.sweep import run_dir_name
 
     jobs = plan_runs(plan)
     assert [run_dir_name(j) for j in jobs] == ["soup-s5-d1", "soup-s5-d2", "single-s5"]

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.artifact import read_config, save_artifact
+from model.offline import MODES
 
 
 def _init_seed(config: dict[str, Any]) -> int | None:
@@ -87,9 +88,10 @@ def ensemble_probs(per_run: Sequence[dict[str, np.ndarray]]) -> dict[str, np.nda
 
 def run_soup(args) -> int:
     from model.artifact import load_artifact
-    from model.data import default_data_dir, load_dataset, split_path
-    from model.evaluate import evaluate, metrics_from_probs, plot_confusion
+    from model.backends import resolve_device
     from model.encoders import load_tokenizer
+    from model.training.data import default_data_dir, load_dataset, split_path
+    from model.training.evaluate import evaluate, metrics_from_probs, plot_confusion
 
     runs = [Path(r) for r in args.runs]
     out = make_soup(runs, args.out)
@@ -99,7 +101,7 @@ def run_soup(args) -> int:
         raise SystemExit("the runs' config.json names no dataset: pass --dataset meld|emorynlp")
     dev_file = args.data or split_path(args.data_dir or default_data_dir(), dataset, "dev")
     dialogues = load_dataset(dataset, dev_file)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")
     model, _ = load_artifact(out, device)
     tokenizer = load_tokenizer(model.cfg)
     metrics, probs, gold = evaluate(model, tokenizer, dialogues)
@@ -128,4 +130,4 @@ def run_soup(args) -> int:
 
 
 def _scores(metrics: dict[str, Any]) -> dict[str, float]:
-    return {m: metrics[f"weighted_f1_{m}"] for m in ("offline", "final", "provisional")}
+    return {m: metrics[f"weighted_f1_{m}"] for m in MODES}

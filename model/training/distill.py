@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.data import Dialogue
-from model.inference import score_views
+from model.dialogue import Dialogue
+from model.offline import score_views
 
 
 def views(lookahead: int, window: int) -> list[tuple[int | None, int | None]]:

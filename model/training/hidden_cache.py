@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from model.encoders import cache_dir
-from model.inference import length_buckets
+from model.encoding import encoder_input, length_buckets, normalize_text
 from model.modeling import EmotionSIModel
-from model.text import encoder_input, normalize_text
 
 
 class HiddenCache:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.cli import main as model_cli
-from model.soup import average_weights
+from model.training.soup import average_weights
 
 RECIPE = (
     'dataset = "meld"\nepochs = 1\nbatch_dialogues = 1\nsi_chunk = 4\n'
@@ -28,7 +28,7 @@ def _train(data_dir, tmp_path, name, seed, data_seed=None):
 
 def _initial_state(data_dir, seed, data_seed):
     from model.config import TrainConfig
-    from model.train import Trainer
+    from model.training.trainer import Trainer
 
     cfg = TrainConfig(dataset="meld", seed=seed, data_seed=data_seed, model_overrides={
         "hidden": 32, "attn_heads": 2, "window": 4, "tiny_encoder": {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64}})
