@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from model.artifact import WEIGHTS_DIR
+
 CONFIG_DIR = Path(__file__).parent / "configs"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:

@@ -4,8 +4,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The serving core of the model package: what a worker loads. The CLI and gpucheck are tools.
-MODEL_TOOLS = {"cli.py", "gpucheck.py", "__init__.py"}
+# The serving core of the model package: what a worker loads. The CLI is a tool.
+MODEL_TOOLS = {"cli.py", "__init__.py"}
 
 
 def imported_modules(path: Path) -> set[str]:

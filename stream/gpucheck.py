@@ -1,6 +1,6 @@
 """GPU check: backend equivalence against eager float32, and throughput for batch sizes 1-256.
 
-    python -m model.gpucheck [--model DIR] [--json]
+    python -m stream.gpucheck [--model DIR] [--json]
 
 Prints a table (backend x batch size -> encoder ms per batch and utterances/s, then the whole
 model path a worker batch takes: tokenise + encode + one streaming step of B conversations) and
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.artifact import load_artifact
+from model.artifact import WEIGHTS_DIR, load_artifact
 from model.backends import BackendUnavailable, build_encoder, tensorrt_available
 from model.encoders import load_tokenizer
 from model.encoding import encode_texts, tokenize
@@ -120,8 +120,8 @@ def _note(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.gpucheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=Path(__file__).parent / "weights" / "meld")
+    p = argparse.ArgumentParser(prog="python -m stream.gpucheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld")
     p.add_argument("--json", action="store_true")
     p.add_argument("--path-seconds", type=float, default=2.0, help="seconds per stubbed-path batch size (default 2)")
     args = p.parse_args(argv)
