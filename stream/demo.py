@@ -8,6 +8,11 @@ and ends with one line:
 
 Latency = time the demo's own consumer received the provisional event - `ts` stamped by the
 replay at send time (same clock): produce -> event, through broker, worker, Redis and broker.
+
+With --score (e.g. `emotion-monitor demo --file dev_sent_emo.csv --score --json`) it replays FILE
+as fast as the worker takes it (at most --max-in-flight utterances unanswered) and reports what
+`replay --score` reports: delivery, weighted/macro-F1 of the final and provisional events against
+the file's gold labels, and latency; --json prints that report as one JSON object, the last line.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from stream.replay import SAMPLE, load_messages, replay
+from stream.replay import SAMPLE, load_messages, print_report, replay, replay_scored
 from stream.settings import Settings
 from stream.watch import format_event
 
@@ -32,14 +37,20 @@ def add_demo(sub) -> None:
         description=__doc__,
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )
-    p.add_argument("--file", type=Path, default=SAMPLE, help="conversations to replay (.jsonl or MELD .csv)")
-    p.add_argument("--speed", type=float, default=20.0, help="replay speed (X times real time; 0 = all at once)")
+    p.add_argument("--file", type=Path, default=SAMPLE, help="conversations to replay (.jsonl, MELD .csv or EmoryNLP .json)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="replay speed (X times real time; 0 = all at once; default 20, with --score 0)")
     p.add_argument("--model", type=Path, default=None, help="artifact folder (default: the shipped MELD model)")
     p.add_argument("--quiet", action="store_true", help="do not print every event")
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     p.add_argument("--dashboard-port", type=int, default=None,
                    help="port of the live dashboard during the demo (default: EMOTION_MONITOR_DASHBOARD_PORT, 8088; 0 = any free port)")
     p.add_argument("--hold", type=float, default=0.0, help="keep the stack and the dashboard up this many seconds after the replay")
+    p.add_argument("--score", action="store_true",
+                   help="report delivery, accuracy against the file's gold labels (MELD, EmoryNLP, labelled JSONL) and latency")
+    p.add_argument("--json", action="store_true", help="with --score: print the report as one JSON object, the last line")
+    p.add_argument("--max-in-flight", type=int, default=64,
+                   help="with --score: utterances sent and not yet answered at most (0 = no limit; default %(default)s)")
     p.set_defaults(func=run_demo)
 
 
@@ -53,7 +64,9 @@ async def _demo(args) -> int:
     from stream.localrun import LocalWorker, local_worker_env, wait_until_ready
     from stream.localstack import local_stack
 
-    console = Console()
+    console = Console(stderr=args.json)  # with --json stdout carries the report only at its end
+    if args.speed is None:
+        args.speed = 0.0 if args.score else 20.0
     messages = load_messages(args.file)
     expected = {(m["conversation_id"], m["seq"]) for m in messages if m.get("type", "utterance") == "utterance"}
     base = Settings()
@@ -85,6 +98,11 @@ async def _demo(args) -> int:
             with console.status("waiting for the worker (model load, consumer group join)..."):
                 await wait_until_ready(stack.bootstrap, base.utterances_topic, consumer, worker, args.timeout)
             console.print(f"[bold]demo[/]: worker ready; replaying {len(expected)} utterances from {args.file.name} at speed {args.speed}")
+            if args.score:
+                report = await replay_scored(args.file, stack.bootstrap, base.utterances_topic, base.emotions_topic,
+                                             speed=args.speed, max_in_flight=args.max_in_flight,
+                                             timeout_s=max(10.0, deadline - time.time()), console=console)
+                return _print_score(report, args.json)
             sender = asyncio.create_task(replay(args.file, stack.bootstrap, base.utterances_topic, speed=args.speed, progress=False))
 
             def on_event(event: dict) -> bool:
@@ -120,6 +138,12 @@ async def _demo(args) -> int:
     p50, p99 = (np.percentile(latencies, [50, 99]) if latencies else (float("nan"), float("nan")))
     print(f"demo: {len(expected)} utterances in, {len(finals)} final events out, {lost} lost, p50 {p50:.0f} ms, p99 {p99:.0f} ms")
     return 0 if lost == 0 else 1
+
+
+def _print_score(report: dict, as_json: bool) -> int:
+    print(f"demo: scored {report['sent']} utterances in {report['seconds']:.1f} s")
+    print_report(report, as_json)
+    return 0 if report["lost"] == 0 else 1
 
 
 async def _read(consumer, handle, deadline: float, max_wait: float = 1.0) -> bool:

@@ -1,13 +1,21 @@
 """Replay recorded dialogues onto the `utterances` topic, as a live producer would.
 
-Two input formats, chosen by file extension:
+Input formats, chosen by file extension (and, for .json, by content):
 - .jsonl / .json: one message per line in the topic's own format (utterances and `end` control
-  messages, e.g. stream/samples/call_center.jsonl); lines are sent as they are, in file order;
+  messages, e.g. stream/samples/call_center.jsonl); lines are sent as they are, in file order. A
+  line may carry a gold `label` (the project's labelled JSONL, model/schemas): it is kept for
+  `--score` and not sent;
+- .json holding one EmoryNLP document (episodes -> scenes -> utterances): each scene becomes
+  conversation `emorynlp-<scene_id>` with seq 0.. and an `end` message (gold label: `emotion`);
 - .csv: a MELD split (Utterance, Speaker, Dialogue_ID, Utterance_ID, StartTime, ...); each dialogue
-  becomes conversation `meld-<Dialogue_ID>` with seq 0.. in Utterance_ID order and an `end` message.
+  becomes conversation `meld-<Dialogue_ID>` with seq 0.. in Utterance_ID order and an `end` message
+  (gold label: `Emotion`).
 
 `ts` is stamped at send time (not taken from the file), so ts_emitted - ts_produced in the events is
 the monitor's real end-to-end latency.
+
+With `--score` the replay also reads `emotions` while it sends and reports delivery, accuracy
+against the gold labels and latency at the end (stream/scoring.py).
 """
 
 from __future__ import annotations
@@ -17,14 +25,18 @@ import csv
 import json
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from stream.scoring import SentUtterance
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "call_center.jsonl"
 MAX_GAP_S = 5.0  # long pauses (scene changes in MELD, hold music) would only make a demo drag
 WORDS_PER_S = 2.5  # ~150 words/min, a usual speaking rate: the pace of a JSONL file without timings
 MELD_COLUMNS = ("Utterance", "Speaker", "Dialogue_ID", "Utterance_ID", "StartTime")
-_HINT = "pass a .jsonl file in the `utterances` format (e.g. stream/samples/call_center.jsonl) or a MELD CSV"
+_HINT = ("pass a .jsonl file in the `utterances` format (e.g. stream/samples/call_center.jsonl), "
+         "a MELD CSV or an EmoryNLP JSON")
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class ReplayStats:
     sent: int
     conversations: int
     seconds: float
+    utterances: tuple[SentUtterance, ...] = field(default=(), repr=False)  # what was sent, with ts and gold label
 
 
 def load_messages(path: str | Path) -> list[dict]:
@@ -39,11 +52,25 @@ def load_messages(path: str | Path) -> list[dict]:
     return [m for _, m in _load_timed(Path(path))]
 
 
+def load_gold(path: str | Path) -> dict[tuple[str, int], str]:
+    """(conversation_id, seq) -> gold label, for the utterances of the file that carry one."""
+    return {(m["conversation_id"], m["seq"]): label for _, m, label in _load_labelled(Path(path)) if label is not None}
+
+
 def _load_timed(path: Path) -> list[tuple[float, dict]]:
     """(seconds to wait before sending at real-time speed, message) pairs."""
+    return [(gap, msg) for gap, msg, _ in _load_labelled(path)]
+
+
+def _load_labelled(path: Path) -> list[tuple[float, dict, str | None]]:
+    """(seconds to wait at real-time speed, message, gold label or None) triples."""
     if not path.is_file():
         raise FileNotFoundError(f"replay file not found: {path} ({_HINT})")
     suffix = path.suffix.lower()
+    if suffix == ".json":
+        doc = _whole_json(path)
+        if isinstance(doc, dict) and "episodes" in doc:
+            return _load_emorynlp(path, doc)
     if suffix in (".jsonl", ".json"):
         return _load_jsonl(path)
     if suffix == ".csv":
@@ -51,7 +78,36 @@ def _load_timed(path: Path) -> list[tuple[float, dict]]:
     raise ValueError(f"unknown replay format {suffix or '(no extension)'!r} for {path}: {_HINT}")
 
 
-def _load_jsonl(path: Path) -> list[tuple[float, dict]]:
+def _whole_json(path: Path):
+    """The file as one JSON document, or None (a JSONL file with several lines is not one)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _load_emorynlp(path: Path, doc: dict) -> list[tuple[float, dict, str | None]]:
+    """EmoryNLP JSON; conversation ids and speakers as model.training.data.load_emorynlp builds them."""
+    out = []
+    try:
+        for ep in doc["episodes"]:
+            for scene in ep["scenes"]:
+                cid = f"emorynlp-{scene['scene_id']}"
+                utts = scene["utterances"]
+                for seq, u in enumerate(utts):
+                    speakers = u.get("speakers") or []
+                    speaker = speakers[0] if len(speakers) == 1 else " and ".join(speakers) or "unknown"
+                    msg = {"conversation_id": cid, "seq": seq, "speaker": speaker, "role": None, "text": u["transcript"]}
+                    out.append((_spoken_seconds(msg), msg, u.get("emotion") or None))
+                if utts:
+                    out.append((0.0, {"type": "end", "conversation_id": cid, "last_seq": len(utts) - 1}, None))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not an EmoryNLP document (episodes -> scenes -> utterances): missing {exc}") from None
+    return out
+
+
+def _load_jsonl(path: Path) -> list[tuple[float, dict, str | None]]:
     out = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -64,7 +120,8 @@ def _load_jsonl(path: Path) -> list[tuple[float, dict]]:
             if not isinstance(msg, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(msg).__name__}")
             msg.pop("ts", None)  # stamped at send time
-            out.append((_spoken_seconds(msg), msg))
+            label = msg.pop("label", None)  # gold, for --score: the monitor never sees it
+            out.append((_spoken_seconds(msg), msg, label if isinstance(label, str) and label.strip() else None))
     return out
 
 
@@ -75,7 +132,7 @@ def _spoken_seconds(msg: dict) -> float:
     return min(MAX_GAP_S, max(0.5, len(msg["text"].split()) / WORDS_PER_S))
 
 
-def _load_meld(path: Path) -> list[tuple[float, dict]]:
+def _load_meld(path: Path) -> list[tuple[float, dict, str | None]]:
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in MELD_COLUMNS if c not in (reader.fieldnames or [])]
@@ -95,8 +152,8 @@ def _load_meld(path: Path) -> list[tuple[float, dict]]:
             gap = 0.0 if prev is None or start is None else min(MAX_GAP_S, max(0.0, start - prev))
             prev = start if start is not None else prev
             out.append((gap, {"conversation_id": cid, "seq": seq, "speaker": row["Speaker"], "role": None,
-                              "text": row["Utterance"]}))
-        out.append((0.0, {"type": "end", "conversation_id": cid, "last_seq": len(rows) - 1}))
+                              "text": row["Utterance"]}, (row.get("Emotion") or "").strip().lower() or None))
+        out.append((0.0, {"type": "end", "conversation_id": cid, "last_seq": len(rows) - 1}, None))
     return out
 
 
@@ -109,26 +166,53 @@ def _clock_seconds(value: str) -> float | None:
     return int(h) * 3600 + int(mi) * 60 + int(s) + int(ms.ljust(3, "0")) / 1000
 
 
-def _first_conversations(timed: list[tuple[float, dict]], limit: int) -> list[tuple[float, dict]]:
+def _first_conversations(timed: list[tuple], limit: int) -> list[tuple]:
+    """The items ((gap, message, ...) tuples) of the first `limit` conversations."""
     keep: set[str] = set()
     out = []
-    for gap, msg in timed:
-        cid = str(msg.get("conversation_id"))
+    for item in timed:
+        cid = str(item[1].get("conversation_id"))
         if cid not in keep and len(keep) < limit:
             keep.add(cid)
         if cid in keep:
-            out.append((gap, msg))
+            out.append(item)
+    return out
+
+
+def _with_ends(items: list[tuple[float, dict, str | None]]) -> list[tuple[float, dict, str | None]]:
+    """An `end` message right after the last line of every conversation that has none in the file
+    (a labelled JSONL has none): without it its last L utterances wait for the idle timeout."""
+    last: dict[str, int] = {}
+    ended: set[str] = set()
+    for i, (_, msg, _) in enumerate(items):
+        cid = msg.get("conversation_id")
+        if isinstance(cid, str):
+            last[cid] = i
+            if msg.get("type") == "end":
+                ended.add(cid)
+    closes = {i: cid for cid, i in last.items() if cid not in ended}
+    out = []
+    for i, item in enumerate(items):
+        out.append(item)
+        if i in closes:
+            out.append((0.0, {"type": "end", "conversation_id": closes[i]}, None))
     return out
 
 
 async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", speed: float = 0.0,
-                 progress: bool = True, limit: int | None = None, client_options: dict | None = None) -> ReplayStats:
+                 progress: bool = True, limit: int | None = None, client_options: dict | None = None,
+                 tag: str | None = None, close_conversations: bool = False,
+                 before_send: Callable[[dict], Awaitable[None]] | None = None) -> ReplayStats:
     """Send the file's messages to `topic`, key = conversation_id.
 
     speed: 0 sends as fast as possible; X replays at X times real time (pauses capped at 5 s).
     limit: replay only the first `limit` conversations, each whole with its `end` message, so a
     partial replay never leaves a conversation open.
     client_options: aiokafka security arguments (`Settings.kafka_client_options()`).
+    tag: appended to every conversation id ("<id>-<tag>"), so a file can be replayed again against
+    a stack that has seen (and ended) its conversations.
+    close_conversations: send an `end` after the last line of each conversation the file leaves open.
+    before_send: awaited before each message is sent (the scored replay's flow control).
     """
     from aiokafka import AIOKafkaProducer
     from rich.console import Console
@@ -136,9 +220,11 @@ async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", sp
 
     if speed < 0:
         raise ValueError("speed must be >= 0 (0 = as fast as possible)")
-    timed = _load_timed(Path(path))
+    items = _load_labelled(Path(path))
     if limit is not None:
-        timed = _first_conversations(timed, limit)
+        items = _first_conversations(items, limit)
+    if close_conversations:
+        items = _with_ends(items)
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap.replace("kafka://", ""),
         enable_idempotence=False,  # Tansu (local stack) lacks InitProducerId v0: idempotence fails there
@@ -149,48 +235,186 @@ async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", sp
     )
     await producer.start()
     sent, pending, started = 0, [], time.perf_counter()
+    utterances: list[SentUtterance] = []
     try:
         console = Console(stderr=True)  # stdout stays clean for whatever the caller prints
         with Progress(console=console, disable=not progress or not console.is_terminal, transient=True) as bar:
-            task = bar.add_task(f"replay → {topic}", total=len(timed))
-            for gap, msg in timed:
+            task = bar.add_task(f"replay → {topic}", total=len(items))
+            for gap, msg, label in items:
                 if speed > 0 and gap > 0:
                     await asyncio.sleep(gap / speed)
+                if tag and isinstance(msg.get("conversation_id"), str):
+                    msg = {**msg, "conversation_id": f"{msg['conversation_id']}-{tag}"}
+                if before_send is not None:
+                    await before_send(msg)
                 msg = {**msg, "ts": time.time()}
                 cid = msg.get("conversation_id")
                 key = cid.encode("utf-8") if isinstance(cid, str) else None  # a broken line still goes out (DLQ tests)
                 # send() only queues; aiokafka keeps one batch in flight per partition, so per-key order holds
                 pending.append(await producer.send(topic, msg, key=key))
+                if msg.get("type", "utterance") == "utterance" and isinstance(cid, str) and isinstance(msg.get("seq"), int):
+                    utterances.append(SentUtterance(cid, msg["seq"], msg["ts"], label))
                 sent += 1
                 bar.advance(task)
             await asyncio.gather(*pending)  # raises if any message was not delivered
     finally:
         await producer.stop()
-    return ReplayStats(sent=sent, conversations=len({m.get("conversation_id") for _, m in timed}),
-                       seconds=time.perf_counter() - started)
+    return ReplayStats(sent=sent, conversations=len({m.get("conversation_id") for _, m, _ in items}),
+                       seconds=time.perf_counter() - started, utterances=tuple(utterances))
+
+
+async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str = "utterances",
+                        emotions_topic: str = "emotions", speed: float = 0.0, progress: bool = True,
+                        limit: int | None = None, client_options: dict | None = None, tag: str | None = None,
+                        max_in_flight: int = 64, timeout_s: float = 300.0, console=None,
+                        on_event: Callable[[dict], None] | None = None) -> dict:
+    """Replay `path` while reading `emotions_topic`; returns stream.scoring's report.
+
+    Reads `emotions` from the earliest offset (the local broker's "latest" offsets are wrong) and
+    keeps only this replay's events (matched on conversation, seq and the `ts` stamped here).
+    max_in_flight: at most this many utterances sent without their provisional event yet (0 = no
+    limit), so the latency measures the monitor, not a queue the replay built in front of it;
+    a missing answer holds the sender at most 5 s.
+    Stops once every utterance has a final event, or `timeout_s` after the last message was sent.
+    """
+    from aiokafka import AIOKafkaConsumer
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from stream.scoring import score_replay
+
+    items = _load_labelled(Path(path))
+    if limit is not None:
+        items = _first_conversations(items, limit)
+    total = sum(1 for _, m, _ in items if m.get("type", "utterance") == "utterance")
+    consumer = AIOKafkaConsumer(emotions_topic, bootstrap_servers=bootstrap.replace("kafka://", ""), group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10,
+                                **(client_options or {}))
+    await consumer.start()
+    received: list[tuple[float, dict]] = []
+    answered: set[tuple[str, int]] = set()  # utterances with a provisional (or any) event back
+    finals: set[tuple[str, int]] = set()
+    sent_keys: set[tuple[str, int]] = set()
+    woke = asyncio.Event()
+
+    async def gate(msg: dict) -> None:
+        if msg.get("type", "utterance") == "utterance" and isinstance(msg.get("seq"), int):
+            sent_keys.add((msg.get("conversation_id"), msg["seq"]))
+            give_up = time.monotonic() + 5.0
+            while max_in_flight > 0 and len(sent_keys - answered) > max_in_flight and time.monotonic() < give_up:
+                woke.clear()
+                try:
+                    await asyncio.wait_for(woke.wait(), timeout=max(0.01, give_up - time.monotonic()))
+                except TimeoutError:
+                    break
+
+    console = console or Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, disable=not progress or not console.is_terminal) as bar:
+            t_sent = bar.add_task(f"sent → {utterances_topic}", total=total)
+            t_final = bar.add_task(f"finals ← {emotions_topic}", total=total)
+
+            async def send() -> ReplayStats:
+                async def gated(msg: dict) -> None:
+                    await gate(msg)
+                    if msg.get("type", "utterance") == "utterance":
+                        bar.advance(t_sent)
+                return await replay(path, bootstrap, utterances_topic, speed=speed, progress=False, limit=limit,
+                                    client_options=client_options, tag=tag, close_conversations=True, before_send=gated)
+
+            sender = asyncio.create_task(send())
+            deadline = None
+            try:
+                while True:
+                    if sender.done():
+                        sender.result()  # raises a producer error at once
+                        if deadline is None:
+                            deadline = time.monotonic() + timeout_s
+                        if finals >= sent_keys or time.monotonic() > deadline:
+                            break
+                    batch = await consumer.getmany(timeout_ms=200)
+                    now = time.time()
+                    for records in batch.values():
+                        for r in records:
+                            try:
+                                ev = json.loads(r.value)
+                            except (ValueError, TypeError):
+                                continue
+                            if not isinstance(ev, dict):
+                                continue
+                            key = (ev.get("conversation_id"), ev.get("seq"))
+                            if key not in sent_keys:
+                                continue  # another run's conversation (the ts check in scoring does the rest)
+                            received.append((now, ev))
+                            answered.add(key)
+                            if ev.get("status") == "final" and key not in finals:
+                                finals.add(key)
+                                bar.advance(t_final)
+                            if on_event is not None:
+                                on_event(ev)
+                    woke.set()
+            finally:
+                if not sender.done():
+                    sender.cancel()
+            stats = sender.result()
+    finally:
+        await consumer.stop()
+    report = score_replay(stats.utterances, received)
+    report["seconds"] = round(stats.seconds, 2)
+    return report
 
 
 def add_replay(sub) -> None:
     """`emotion-monitor replay` (wired into stream/cli.py by its owner)."""
-    p = sub.add_parser("replay", help="send recorded dialogues to the utterances topic",
+    p = sub.add_parser("replay", help="send recorded dialogues to the utterances topic (--score: and report accuracy and latency)",
                        description="Replay a JSONL file in the utterances format (default: the bundled call-center "
-                       "sample) or a MELD CSV onto Kafka, keyed by conversation id, with ts stamped at send time.")
-    p.add_argument("path", nargs="?", type=Path, default=SAMPLE, help="a .jsonl file or a MELD .csv (default: %(default)s)")
+                       "sample), a MELD CSV or an EmoryNLP JSON onto Kafka, keyed by conversation id, with ts stamped at "
+                       "send time. With --score it also reads the emotions topic while it sends and reports at the end: "
+                       "utterances sent, finals received, lost, duplicate final ids, weighted-F1 and macro-F1 of the final "
+                       "and provisional events against the file's gold labels (MELD Emotion, EmoryNLP emotion, JSONL "
+                       "label), how often a provisional label changed before its final, and produce -> provisional / "
+                       "final latency (p50, p99). Needs a running worker.")
+    p.add_argument("path", nargs="?", type=Path, default=SAMPLE, help="a .jsonl file, a MELD .csv or an EmoryNLP .json (default: %(default)s)")
     p.add_argument("--bootstrap", default=None, help="host:port (default: from EMOTION_MONITOR_BROKERS)")
     p.add_argument("--topic", default=None, help="default: the utterances topic from the settings")
     p.add_argument("--speed", type=float, default=0.0, help="0 = as fast as possible; X = X times real time")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N conversations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tag", default=None, help="append -TAG to every conversation id (to replay a file again on the same stack)")
+    p.add_argument("--score", action="store_true", help="read the emotions topic while replaying and report accuracy and latency")
+    p.add_argument("--json", action="store_true", help="with --score: print the report as one JSON object, the last line")
+    p.add_argument("--max-in-flight", type=int, default=64,
+                   help="with --score: utterances sent and not yet answered at most (0 = no limit; default %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="with --score: stop waiting for finals this many seconds after the last message (default %(default)s)")
     p.set_defaults(func=run_replay)
+
+
+def print_report(report: dict, as_json: bool) -> None:
+    from stream.scoring import format_report
+
+    for line in format_report(report):
+        print(line)
+    if as_json:
+        print(json.dumps(report))
 
 
 def run_replay(args) -> int:
     from stream.settings import load_settings
 
     settings = load_settings()
-    stats = asyncio.run(replay(args.path, args.bootstrap or settings.bootstrap_servers(),
+    bootstrap = args.bootstrap or settings.bootstrap_servers()
+    if args.score:
+        report = asyncio.run(replay_scored(args.path, bootstrap, args.topic or settings.utterances_topic,
+                                           settings.emotions_topic, speed=args.speed, progress=not args.no_progress,
+                                           limit=args.limit, client_options=settings.kafka_client_options(),
+                                           tag=args.tag, max_in_flight=args.max_in_flight, timeout_s=args.timeout))
+        print_report(report, args.json)
+        return 0 if report["lost"] == 0 else 1
+    stats = asyncio.run(replay(args.path, bootstrap,
                                topic=args.topic or settings.utterances_topic, speed=args.speed,
                                progress=not args.no_progress, limit=args.limit,
-                               client_options=settings.kafka_client_options()))
+                               client_options=settings.kafka_client_options(), tag=args.tag))
     print(f"sent {stats.sent} messages from {stats.conversations} conversations in {stats.seconds:.2f} s")
     return 0
