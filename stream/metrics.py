@@ -40,6 +40,14 @@ class Metrics:
         self.summaries = Counter("emotion_monitor_summaries", "summaries published", ["ended_by"], registry=r)
         self.retries = Counter("emotion_monitor_retries", "batches retried after a Redis or broker error", ["error"], registry=r)
         self.idle_finalized = Counter("emotion_monitor_idle_finalized", "conversations flushed after a pause", registry=r)
+        self.seq_gaps = Counter("emotion_monitor_seq_gaps", "missing seqs: filled (arrived within the gap wait) or "
+                                "skipped (given up on; the next utterance's events carry gap: true)", ["outcome"], registry=r)
+        self.model_changes = Counter("emotion_monitor_model_changes", "conversations whose state another model wrote "
+                                     "(its pending utterances finalised under its id, context started over)", registry=r)
+        self.fenced = Counter("emotion_monitor_fenced_writes", "state writes refused because another worker wrote the "
+                              "conversation since it was read (compare-and-set on its version)", registry=r)
+        self.quarantined = Counter("emotion_monitor_quarantined", "conversation states set aside because they could not be "
+                                   "processed", ["reason"], registry=r)
         self.batch_size = Histogram("emotion_monitor_batch_size", "messages per micro-batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.stage = Histogram("emotion_monitor_stage_seconds", "time per batch stage", ["stage"],

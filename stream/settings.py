@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # stream/logic.py PartitionClock: a worker catching up on a backlog does not flush.
     idle_finalize_s: float = Field(30.0, gt=0, description="a conversation quiet this long (event time) gets its pending utterances finalised; it stays open")
     abandon_after_s: float = Field(1800.0, gt=0, description="a conversation with no utterance for this long (event time) ends: pending finals, then its summary (ended_by abandoned)")
+    # Seq gaps (README, "Seq gaps"): utterances after a missing seq wait this long (event time) for
+    # it, then are scored with gap: true on their events; shorter than the idle timeout.
+    gap_wait_s: float | None = Field(None, ge=0, description="utterances after a missing seq wait this long (event time) for it, then are scored with gap: true (default: 5 s, at most half the idle timeout)")
     rules_path: Path | None = Field(None, description="alert rules TOML (default: the shipped stream/rules/default.toml)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model (0 = torch's default: one per core)")
     # A worker shares its cores with its Kafka and Redis clients (and, locally, the broker):
@@ -78,15 +81,36 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="bind address of the worker's web port (0.0.0.0 in containers)")
     dashboard_host: str = Field("127.0.0.1", description="dashboard bind address")
     dashboard_port: int = Field(8088, ge=0, description="dashboard HTTP port")
+    # DNS rebinding: a page on an attacker's domain that resolves to 127.0.0.1 could read the
+    # dashboard; requests whose Host header is not one of these names are refused (421).
+    dashboard_allowed_hosts: str = Field("127.0.0.1,localhost,[::1]",
+                                         description="Host header names the dashboard answers, comma separated (against DNS rebinding; its bind address is always allowed; * allows any)")
     log_level: str = Field("info", description="worker log level")
 
     @model_validator(mode="after")
-    def _check_timeouts(self) -> "Settings":
+    def _check_together(self) -> "Settings":
+        """Settings that only make sense together, checked at start-up: a bad combination stops
+        the worker with a sentence that says what to change."""
+        problems = []
         if self.abandon_after_s <= self.idle_finalize_s:
-            raise ValueError(f"EMOTION_MONITOR_ABANDON_AFTER_S ({self.abandon_after_s:g}) must be longer than "
-                             f"EMOTION_MONITOR_IDLE_FINALIZE_S ({self.idle_finalize_s:g}): a pause flushes a "
-                             "conversation, only a much longer silence ends it")
+            problems.append(f"EMOTION_MONITOR_ABANDON_AFTER_S ({self.abandon_after_s:g}) must be longer than "
+                            f"EMOTION_MONITOR_IDLE_FINALIZE_S ({self.idle_finalize_s:g}): a pause flushes a "
+                            "conversation, only a much longer silence ends it")
+        if self.state_ttl_s <= self.abandon_after_s:
+            problems.append(f"EMOTION_MONITOR_STATE_TTL_S ({self.state_ttl_s}) must be longer than EMOTION_MONITOR_ABANDON_AFTER_S "
+                            f"({self.abandon_after_s:g}): a state that expires first is never abandoned (no summary, no finals "
+                            "for its pending utterances)")
+        if self.gap_wait_s is not None and self.gap_wait_s >= self.idle_finalize_s:
+            problems.append(f"EMOTION_MONITOR_GAP_WAIT_S ({self.gap_wait_s:g}) must be shorter than EMOTION_MONITOR_IDLE_FINALIZE_S "
+                            f"({self.idle_finalize_s:g}): utterances waiting for a missing seq are applied before a pause is flushed")
+        if problems:
+            raise ValueError("settings that do not go together: " + "; ".join(problems))
         return self
+
+    @property
+    def gap_wait(self) -> float:
+        """The gap wait in effect: the setting, else 5 s but at most half the idle timeout."""
+        return self.gap_wait_s if self.gap_wait_s is not None else min(5.0, self.idle_finalize_s / 2)
 
     @property
     def broker_list(self) -> list[str]:

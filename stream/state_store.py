@@ -4,18 +4,58 @@ Keys: `{prefix}:conv:{conversation_id}` -> Conversation bytes (TTL = idle expiry
 `{prefix}:idle:{partition}` -> sorted set of open conversations with pending utterances (flush
 candidates), `{prefix}:open:{partition}` -> sorted set of every open conversation (abandonment
 candidates); both scored by the event time (Kafka message timestamp) of the conversation's last
-utterance, so the idle timer of the worker owning the partition finds them without a scan.
+utterance, so the idle timer of the worker owning the partition finds them without a scan;
+`{prefix}:gap:{partition}` -> conversations with utterances waiting for a missing seq, scored by
+the event time of the oldest one. `{prefix}:quarantine:{conversation_id}` -> a state that could not
+be processed, set aside for inspection (same TTL).
+
+Writes are fenced: every state carries a version, and `save` (one Lua script, atomic like the
+MULTI/EXEC it replaces) writes a conversation only if the stored version is still the one that was
+read. A worker that lost the partition meanwhile (a rebalance, a stalled "zombie") cannot
+overwrite a newer state; its write is dropped and reported.
+
+Redis Cluster is not supported: a batch reads and writes the keys of many conversations in one
+MGET / one script, which a cluster refuses (CROSSSLOT) unless they share a hash slot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 import redis.exceptions as rx
 
 from stream.logic import Conversation
 
+log = logging.getLogger("emotion_monitor.state")
+
+# Compare-and-set of a batch of states. KEYS: per conversation its state key, idle, open and gap
+# set keys. ARGV[1]: TTL; then per conversation: member, version read, new bytes, and the idle,
+# open and gap scores ('' = remove from that set). The stored version is the first field of the
+# state's JSON header (Conversation.to_bytes). Returns the members whose write was refused.
+SAVE_LUA = """
+local ttl = ARGV[1]
+local fenced = {}
+for i = 0, #KEYS / 4 - 1 do
+  local k, a = i * 4, 2 + i * 6
+  local cur = redis.call('GET', KEYS[k + 1])
+  local v = 0
+  if cur then v = tonumber(string.match(cur, '^{"version":(%d+)') or '0') end
+  if v ~= tonumber(ARGV[a + 1]) then
+    fenced[#fenced + 1] = ARGV[a]
+  else
+    redis.call('SET', KEYS[k + 1], ARGV[a + 2], 'EX', ttl)
+    for j = 1, 3 do
+      local score = ARGV[a + 2 + j]
+      if score == '' then redis.call('ZREM', KEYS[k + 1 + j], ARGV[a])
+      else redis.call('ZADD', KEYS[k + 1 + j], score, ARGV[a]) end
+    end
+  end
+end
+return fenced
+"""
 
 # Redis answers but refuses writes: not a connection problem, and not something retrying at once
 # fixes; the batch's state write is retried with backoff until Redis accepts writes again.
@@ -59,10 +99,13 @@ def refusal_code(exc: BaseException) -> str | None:
 
 
 class StateStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: int, prefix: str = "em"):
+    def __init__(self, client: aioredis.Redis, ttl_s: int, prefix: str = "em",
+                 on_quarantine: Callable[[str], None] | None = None):
         self.r = client
         self.ttl_s = ttl_s
         self.prefix = prefix
+        self.on_quarantine = on_quarantine
+        self._save = client.register_script(SAVE_LUA)
 
     def _key(self, cid: str) -> str:
         return f"{self.prefix}:conv:{cid}"
@@ -73,36 +116,68 @@ class StateStore:
     def _open_key(self, partition: int) -> str:
         return f"{self.prefix}:open:{partition}"
 
+    def _gap_key(self, partition: int) -> str:
+        return f"{self.prefix}:gap:{partition}"
+
+    def quarantine_key(self, cid: str) -> str:
+        return f"{self.prefix}:quarantine:{cid}"
+
     async def load(self, cids: Iterable[str]) -> dict[str, Conversation | None]:
+        """The states of `cids` (None: no state). A state that cannot be decoded is quarantined
+        (moved to the quarantine key, reason logged and counted): its conversation starts over
+        (context_reset) instead of failing every batch and timer run that touches it."""
         cids = list(cids)
         if not cids:
             return {}
         raw = await self.r.mget([self._key(c) for c in cids])
-        return {c: (Conversation.from_bytes(v) if v is not None else None) for c, v in zip(cids, raw)}
-
-    async def save(self, convs: dict[str, Conversation], partitions: dict[str, int]) -> None:
-        """MULTI/EXEC: every conversation of the batch is written, or none is."""
-        if not convs:
-            return
-        async with self.r.pipeline(transaction=True) as pipe:
-            for cid, conv in convs.items():
-                pipe.set(self._key(cid), conv.to_bytes(), ex=self.ttl_s)
-                idle, open_ = self._idle_key(partitions[cid]), self._open_key(partitions[cid])
-                if conv.pending and not conv.ended:
-                    pipe.zadd(idle, {cid: conv.last_event_ts})
-                else:
-                    pipe.zrem(idle, cid)
-                if not conv.ended:
-                    pipe.zadd(open_, {cid: conv.last_event_ts})
-                else:
-                    pipe.zrem(open_, cid)
+        out: dict[str, Conversation | None] = {}
+        for c, v in zip(cids, raw):
+            if v is None:
+                out[c] = None
+                continue
             try:
-                await pipe.execute()
-            except rx.ResponseError as exc:
-                code = refusal_code(exc)
-                if code is None:
-                    raise
-                raise StateWriteRefused(code) from None  # not chained: its text quotes the state
+                out[c] = Conversation.from_bytes(v)
+            except Exception as exc:  # noqa: BLE001 - any undecodable state
+                await self.quarantine(c, f"state_undecodable:{type(exc).__name__}")
+                out[c] = None
+        return out
+
+    async def quarantine(self, cid: str, reason: str) -> None:
+        """Set a conversation's state aside (for inspection, same TTL); the idle timer forgets it."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.copy(self._key(cid), self.quarantine_key(cid), replace=True)
+            pipe.expire(self.quarantine_key(cid), self.ttl_s)
+            pipe.delete(self._key(cid))
+            await pipe.execute()
+        # The reason code only: the conversation id and state are not logged.
+        log.error("a conversation state was quarantined (%s); the conversation starts over with context_reset", reason)
+        if self.on_quarantine is not None:
+            self.on_quarantine(reason.split(":", 1)[0])
+
+    async def save(self, convs: dict[str, Conversation], partitions: dict[str, int]) -> set[str]:
+        """Write the states of a batch atomically, each only if its stored version is still the one
+        read (compare-and-set). Returns the conversations whose write was refused (fenced)."""
+        if not convs:
+            return set()
+        keys: list[str] = []
+        args: list = [self.ttl_s]
+        for cid, conv in convs.items():
+            p = partitions[cid]
+            new = replace(conv, version=conv.version + 1, partition=p)
+            keys += [self._key(cid), self._idle_key(p), self._open_key(p), self._gap_key(p)]
+            live = not conv.ended
+            args += [cid, conv.version, new.to_bytes(),
+                     conv.last_event_ts if live and conv.pending else "",
+                     conv.last_event_ts if live else "",
+                     min(h.event_ts for h in conv.held.values()) if live and conv.held else ""]
+        try:
+            fenced = await self._save(keys=keys, args=args)
+        except rx.ResponseError as exc:
+            code = refusal_code(exc)
+            if code is None:
+                raise
+            raise StateWriteRefused(code) from None  # not chained: its text quotes the state
+        return {f.decode() if isinstance(f, bytes) else f for f in fenced}
 
     async def probe_write(self) -> str | None:
         """Readiness: write a tiny key. None when Redis accepts it, else the refusal code."""
@@ -125,6 +200,11 @@ class StateStore:
         raw = await self.r.zrangebyscore(self._open_key(partition), "-inf", before, start=0, num=limit)
         return [c.decode() if isinstance(c, bytes) else c for c in raw]
 
+    async def gap_since(self, partition: int, before: float, limit: int = 256) -> list[str]:
+        """Open conversations whose oldest utterance waiting for a missing seq is older than `before`."""
+        raw = await self.r.zrangebyscore(self._gap_key(partition), "-inf", before, start=0, num=limit)
+        return [c.decode() if isinstance(c, bytes) else c for c in raw]
+
     async def newest_open(self, partition: int) -> float | None:
         """Event time of the newest utterance of an open conversation of `partition`: a lower bound
         of how far the partition's previous owner had read (a new owner's clock starts there)."""
@@ -132,10 +212,12 @@ class StateStore:
         return float(raw[0][1]) if raw else None
 
     async def forget_idle(self, partition: int, cids: Iterable[str]) -> None:
-        """Drop conversations whose state is gone (expired) from both sets."""
+        """Drop conversations from a partition's timer sets (state gone, ended, quarantined, or
+        saved from another partition since: a stale entry)."""
         cids = list(cids)
         if cids:
             async with self.r.pipeline(transaction=True) as pipe:
                 pipe.zrem(self._idle_key(partition), *cids)
                 pipe.zrem(self._open_key(partition), *cids)
+                pipe.zrem(self._gap_key(partition), *cids)
                 await pipe.execute()

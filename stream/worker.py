@@ -52,7 +52,8 @@ class BatchProcessor:
         self.publish = publish
         rules = load_rules(settings.rules_path, scorer.labels)
         check_labels(rules, scorer.labels)  # MELD rules with an EmoryNLP model fail here, at start-up
-        self.cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, settings.echo_text, rules)
+        check_model_settings(settings, scorer)
+        self.cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, settings.echo_text, rules, settings.gap_wait)
         self.lock = asyncio.Lock()  # the agent and the idle timer never interleave on a conversation
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.metrics = Metrics()
@@ -63,6 +64,10 @@ class BatchProcessor:
         self.busy_s = 0.0
         # Set while Redis answers but refuses the state write (OOM, READONLY, ...): /readyz says 503.
         self.redis_refusing: str | None = None
+        # Whether this worker still owns an input partition (set by the faust adapter): the idle
+        # timer re-checks it per partition, under the lock, right before it flushes anything.
+        self.owns = lambda partition: True
+        store.on_quarantine = lambda reason: self.metrics.quarantined.labels(reason).inc()
 
     def _read(self, messages, wall: float) -> None:
         """Advance the partitions' clocks with the message timestamps of a batch just read."""
@@ -163,6 +168,7 @@ class BatchProcessor:
                 key, value, partition, offset = origin[i]
                 dlq.append(self._dlq_record(why, key, value, partition, offset, now))
             self.metrics.duplicates.inc(len(outcome.duplicates))
+            self._count(outcome)
         t3 = time.time()
         await self._publish(outcome, dlq)
         t4 = time.time()
@@ -193,7 +199,21 @@ class BatchProcessor:
             finally:
                 self.busy_s += time.monotonic() - t0
 
+    def _count(self, outcome: Outcome) -> None:
+        if outcome.gaps_filled:
+            self.metrics.seq_gaps.labels("filled").inc(outcome.gaps_filled)
+        if outcome.gaps_skipped:
+            self.metrics.seq_gaps.labels("skipped").inc(outcome.gaps_skipped)
+        if outcome.model_changes:
+            self.metrics.model_changes.inc(outcome.model_changes)
+            log.warning("%d conversation(s) were written by another model; their pending utterances got finals under "
+                        "that model's id and their context started over (context_reset)", outcome.model_changes)
+
     async def _finalize_idle(self, partition: int) -> int:
+        if not self.owns(partition):
+            # Lost in a rebalance since the timer listed it: the new owner flushes it.
+            self.clocks.pop(partition, None)
+            return 0
         now = time.time()
         clock = self.clocks.get(partition)
         if clock is None:
@@ -206,34 +226,75 @@ class BatchProcessor:
         event_now = clock.now(now, self.busy_s)
         flush = await self.store.idle_since(partition, event_now - self.s.idle_finalize_s)
         abandon = await self.store.open_since(partition, event_now - self.s.abandon_after_s)
-        cids = list(dict.fromkeys(abandon + flush))
+        gaps = await self.store.gap_since(partition, event_now - self.cfg.gap_wait_s)
+        cids = list(dict.fromkeys(abandon + flush + gaps))
         if not cids:
             return 0
         convs = await self.store.load(cids)
-        changed, outcome = on_idle(self.cfg, convs, set(abandon), now)
+        # An entry left in this partition's sets by a conversation now saved from another one
+        # (partitions added, keys moved) is stale: it never flushes the live conversation.
+        stale = [c for c in cids if convs.get(c) is not None and convs[c].partition not in (None, partition)]
+        gone = [c for c in cids if convs.get(c) is None or convs[c].ended]
+        convs = {c: v for c, v in convs.items() if c not in stale}
+        changed, outcome = await self._on_idle(partition, convs, set(abandon), set(flush), now, event_now)
+        if not self.owns(partition):  # lost while computing: publish and write nothing
+            return 0
         await self._publish(outcome, [])
-        await self._save(changed, {c: partition for c in changed})
-        # States that expired (or ended meanwhile) leave the timer's sets.
-        await self.store.forget_idle(partition, [c for c in cids if convs.get(c) is None or convs[c].ended])
-        flushed = sum(1 for c in changed.values() if not c.ended)
+        fenced = await self._save(changed, {c: partition for c in changed})
+        self._count(outcome)
+        await self.store.forget_idle(partition, stale + gone)
+        flushed = sum(1 for c, v in changed.items() if not v.ended and c not in fenced)
         self.metrics.idle_finalized.inc(flushed)
         if changed:
             log.info("partition %s: %d conversation(s) flushed after a pause, %d abandoned", partition, flushed,
-                     len(changed) - flushed)
+                     sum(1 for v in changed.values() if v.ended))
         return len(changed)
 
-    async def _save(self, convs: dict[str, Conversation], partitions: dict[str, int]) -> None:
+    async def _on_idle(self, partition, convs, abandoned, flush, now, event_now):
+        """`on_idle` for the conversations of one timer run, isolated per conversation: one whose
+        state cannot be processed (a bug, a state the model cannot take) is quarantined with the
+        error's type as the reason, and the others go on; the timer never crashes the app."""
+        loop = asyncio.get_running_loop()
+
+        def run(subset):
+            return on_idle(self.cfg, subset, abandoned & set(subset), now, self.scorer.step, event_now, flush & set(subset))
+
+        try:
+            return await loop.run_in_executor(self.executor, run, convs)
+        except Exception:  # noqa: BLE001 - find the conversation(s) that cause it
+            if len(convs) == 1:
+                raise
+        changed, outcome = {}, Outcome()
+        for cid, conv in convs.items():
+            try:
+                ch, out = await loop.run_in_executor(self.executor, run, {cid: conv})
+            except Exception as exc:  # noqa: BLE001
+                log.debug("traceback of the quarantined conversation", exc_info=True)
+                await self.store.quarantine(cid, f"idle_timer_failed:{type(exc).__name__}")
+                await self.store.forget_idle(partition, [cid])
+                continue
+            changed.update(ch)
+            for name in ("events", "alerts", "summaries"):
+                getattr(outcome, name).extend(getattr(out, name))
+            outcome.gaps_skipped += out.gaps_skipped
+            outcome.model_changes += out.model_changes
+        return changed, outcome
+
+    async def _save(self, convs: dict[str, Conversation], partitions: dict[str, int]) -> set[str]:
         """Write the batch's states, retrying with backoff until Redis takes them.
 
         The events are already published (and acked) at this point: retrying the write alone
         publishes nothing twice, and no valid message is dead-lettered because Redis refuses
         writes (OOM under maxmemory + noeviction, READONLY after a failover, EXECABORT, ...)
         or is briefly unreachable. The batch's offsets are not committed meanwhile (the agent
-        waits here), so a crash in between redelivers the batch: same event ids again."""
+        waits here), so a crash in between redelivers the batch: same event ids again.
+
+        Returns the conversations whose write was fenced off: another worker wrote them since
+        they were read (this one lost their partition); its newer state stays."""
         delay, since, last_log = 0.1, None, 0.0
         while True:
             try:
-                await self.store.save(convs, partitions)
+                fenced = await self.store.save(convs, partitions)
                 break
             except StateWriteRefused as exc:
                 now = time.monotonic()
@@ -258,6 +319,11 @@ class BatchProcessor:
             log.warning("Redis accepts writes again (was refusing: %s); state saved", self.redis_refusing)
             self.redis_refusing = None
             self.metrics.redis_writable.set(1)
+        if fenced:
+            self.metrics.fenced.inc(len(fenced))
+            log.warning("%d conversation state write(s) refused: another worker wrote them since they were read (this "
+                        "worker lost their partition in a rebalance); the newer state stays", len(fenced))
+        return fenced
 
     async def _publish(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
         """Queue every record in order (per-key order on the topics = order of the events), then
@@ -291,8 +357,8 @@ class BatchProcessor:
             self.metrics.events_out.labels(ev["status"]).inc()
         for rec in dlq:
             self.metrics.dlq.labels(rec["error"]).inc()
-            # The reason only: the bytes may hold transcript text.
-            log.warning("dead-lettered a message from partition %s offset %s: %s", rec["partition"], rec["offset"], rec["reason"])
+            # The error code only: the bytes, and reasons built from them, may hold producer text.
+            log.warning("dead-lettered a message from partition %s offset %s: %s", rec["partition"], rec["offset"], rec["error"])
 
     async def _rejected_record(self, topic: str, key, value: dict[str, Any], exc: BaseException):
         """A record the producer or the broker refused. Transient trouble and bugs propagate (the
@@ -339,6 +405,16 @@ class BatchProcessor:
             "value_sha256": hashlib.sha256(raw).hexdigest(),
             "ts_received": now,
         }
+
+
+def check_model_settings(settings: Settings, scorer) -> None:
+    """What the settings need from the model, checked at start-up (the settings checked among
+    themselves in stream/settings.py)."""
+    if scorer.lookahead >= scorer.window:
+        raise ValueError(f"model {scorer.model_id}: lookahead {scorer.lookahead} must be smaller than its window "
+                         f"{scorer.window}; retrain it with a larger window")
+    if not settings.idle_finalize_s > 0 or not settings.abandon_after_s > 0:  # pragma: no cover - the fields forbid it
+        raise ValueError("EMOTION_MONITOR_IDLE_FINALIZE_S and EMOTION_MONITOR_ABANDON_AFTER_S must be positive")
 
 
 def _event_ts(message: tuple, default: float) -> float:
@@ -435,7 +511,7 @@ def build_app(settings: Settings, scorer):
     # Keys are namespaced by app id: two deployments (say a MELD and an EmoryNLP model) can share
     # one Redis without one's idle timer finalising the other's conversations.
     client = aioredis.from_url(settings.redis_url, password=password, socket_connect_timeout=5, socket_timeout=10)
-    store = StateStore(client, settings.state_ttl_s, prefix=f"em:{settings.app_id}")
+    store = StateStore(client, settings.state_ttl_s, prefix=f"em:{settings.app_id}")  # Redis Cluster: not supported
     source = app.topic(settings.utterances_topic, partitions=settings.partitions)
     outputs = (settings.emotions_topic, settings.alerts_topic, settings.summaries_topic, settings.dlq_topic)
     topics = {name: app.topic(name, partitions=settings.partitions) for name in outputs}
@@ -460,12 +536,23 @@ def build_app(settings: Settings, scorer):
                 log.exception("batch of %d messages failed", len(msgs))
                 raise
 
-    @app.timer(interval=max(0.25, settings.idle_finalize_s / 4))
+    def assigned_now() -> set[int]:
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic}
+
+    processor.owns = lambda p: p in assigned_now()
+
+    # Also the gap wait's timer (at least every gap_wait / 2), whatever the lookahead: with
+    # lookahead 0 nothing is pending, but conversations are still abandoned with their summary.
+    @app.timer(interval=max(0.25, min(settings.idle_finalize_s / 4, settings.gap_wait / 2 or 0.25)))
     async def finalize_idle() -> None:
-        assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic}
+        assigned = assigned_now()
         processor.owned(assigned)
         for p in sorted(assigned):
-            await processor.finalize_idle(p)
+            try:
+                await processor.finalize_idle(p)
+            except Exception as exc:  # noqa: BLE001 - the timer must never crash the app
+                log.error("idle timer on partition %s failed (%s); retried at its next run", p, type(exc).__name__)
+                log.debug("traceback of the idle timer failure", exc_info=True)
 
     @app.page("/metrics")
     async def metrics(web, request):
