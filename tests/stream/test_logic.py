@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.modeling import EmotionSIModel
-from model.scorer import Scorer
+from model.runtime import Scorer
 from stream.contract import validate_event
 from stream.logic import Conversation, StepConfig, event_id, step
 from stream.validate import End, Utterance
@@ -312,3 +312,44 @@ def test_the_speaker_map_is_bounded_and_streaming_still_equals_offline(scorer):
     offline = [min(first_seen.index(s), P - 1) for s in speakers]
     ids = list(convs["p"].dialogue.party_ids)
     assert ids == offline[-len(ids):]
+
+
+def test_settings_are_checked_together_at_start():
+    """Item 11: combinations that cannot work stop the worker at start with what to change."""
+    from pydantic import ValidationError
+
+    from stream.settings import Settings
+
+    with pytest.raises(ValidationError, match="STATE_TTL_S .* must be longer than EMOTION_MONITOR_ABANDON_AFTER_S"):
+        Settings(state_ttl_s=600, abandon_after_s=1800)  # state would expire before it is abandoned
+    with pytest.raises(ValidationError, match="GAP_WAIT_S .* must be shorter"):
+        Settings(idle_finalize_s=10, gap_wait_s=10)
+    s = Settings(idle_finalize_s=2, abandon_after_s=8)
+    assert s.gap_wait == 1.0 and Settings().gap_wait == 5.0
+
+
+def test_a_model_whose_lookahead_reaches_its_window_is_refused_at_start():
+    from stream.settings import Settings
+    from stream.worker import check_model_settings
+
+    class FakeScorer:
+        model_id, lookahead, window = "m@1", 4, 4
+
+    with pytest.raises(ValueError, match="lookahead 4 must be smaller than its window 4"):
+        check_model_settings(Settings(), FakeScorer())
+
+
+def test_lookahead_zero_still_gets_flushes_and_summaries():
+    """Item 11: with L = 0 every utterance is final on arrival; abandonment still ends the
+    conversation with its summary and the end message too."""
+    from stream.logic import on_idle
+
+    torch.manual_seed(5)
+    sc = Scorer.from_model(EmotionSIModel(tiny_config(lookahead=0, window=4)), "tiny", "0")
+    convs, out = run(sc, {"z": None, "y": None}, [utt("z", 0), utt("z", 1), utt("y", 0)])
+    assert sorted(finals(out.events)) == [("y", 0), ("z", 0), ("z", 1)]  # final on arrival
+    cfg = StepConfig(sc.labels, sc.model_id, sc.window)
+    changed, idle = on_idle(cfg, convs, {"z"}, 2000.0, sc.step, event_now=5000.0)
+    assert [m["conversation_id"] for m in idle.summaries] == ["z"] and changed["z"].ended and "y" not in changed
+    _, out = run(sc, convs, [End("y", None)])
+    assert [m["conversation_id"] for m in out.summaries] == ["y"]
