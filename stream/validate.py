@@ -87,7 +87,8 @@ def parse_message(
     if kind == "end":
         return End(cid, ts)
     if kind != "utterance":
-        return _bad("wrong_type", f"unknown message type {kind!r}: use 'utterance' (default) or 'end'")
+        # Not quoted: the producer's value could be anything up to the message size limit.
+        return _bad("wrong_type", "unknown message type: use 'utterance' (default) or 'end' in 'type'")
 
     for name in ("seq", "speaker", "text"):
         if name not in obj or obj[name] is None:

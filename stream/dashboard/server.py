@@ -65,6 +65,28 @@ async def _security_headers(request: web.Request, handler):
     return resp
 
 
+def _host_name(header: str) -> str:
+    """The name part of a Host header ("localhost:8088" -> "localhost", "[::1]:8088" -> "[::1]")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def _host_allow_list(allowed: set[str]):
+    """DNS rebinding: a page on an attacker's domain that resolves to 127.0.0.1 reaches the
+    dashboard with its own name in the Host header; answer only the names we are known by."""
+
+    @web.middleware
+    async def check_host(request: web.Request, handler):
+        if "*" not in allowed and _host_name(request.headers.get("Host", "")) not in allowed:
+            return web.Response(status=421, text="unknown Host header; add the name the dashboard is reached by to "
+                                                 "EMOTION_MONITOR_DASHBOARD_ALLOWED_HOSTS\n")
+        return await handler(request)
+
+    return check_host
+
+
 class DashboardServer:
     """The app, its consumer and its browsers. ``await start()`` / ``await stop()``, or use
     :func:`run_dashboard`. With ``port=0`` a free port is taken (see :attr:`port`)."""
@@ -91,7 +113,9 @@ class DashboardServer:
 
     # ---- app ---------------------------------------------------------------------------------
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[_security_headers])
+        allowed = {h.strip().lower() for h in getattr(self.settings, "dashboard_allowed_hosts", "").split(",") if h.strip()}
+        allowed.add(self.host.lower() if ":" not in self.host else f"[{self.host.lower()}]")
+        app = web.Application(middlewares=[_host_allow_list(allowed), _security_headers])
         app.router.add_get("/", self._index)
         app.router.add_get("/api/state", self._api_state)
         app.router.add_get("/events", self._events)

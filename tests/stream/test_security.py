@@ -75,3 +75,59 @@ def test_worker_uses_redis_auth_and_keeps_the_password_out_of_its_log(stack, tin
     assert SECRET not in log
     # transcript text stays out of the log, even at debug level
     assert not any(m["text"] in log for m in conversation("auth-1", 3))
+
+
+def test_dashboard_refuses_unknown_host_headers_against_dns_rebinding():
+    """Item 12: a page on another domain resolving to 127.0.0.1 reaches the dashboard with its own
+    name in the Host header; only the configured names (default: localhost's) are answered."""
+    import asyncio
+
+    import aiohttp
+
+    from stream.dashboard.server import DashboardServer
+
+    async def go(settings):
+        server = await DashboardServer(settings, "127.0.0.1", 0, consume=False).start()
+        out = {}
+        try:
+            async with aiohttp.ClientSession() as http:
+                for host in ("127.0.0.1", "localhost", "LOCALHOST", "[::1]", "evil.example", "attacker.test:8088", ""):
+                    hdr = {"Host": f"{host}:{server.port}" if host and ":" not in host else host}
+                    async with http.get(f"http://127.0.0.1:{server.port}/api/state", headers=hdr) as r:
+                        out[host] = r.status
+        finally:
+            await server.stop()
+        return out
+
+    got = asyncio.run(go(Settings()))
+    assert got == {"127.0.0.1": 200, "localhost": 200, "LOCALHOST": 200, "[::1]": 200, "evil.example": 421,
+                   "attacker.test:8088": 421, "": 421}
+    got = asyncio.run(go(Settings(dashboard_allowed_hosts="board.example.com")))
+    assert got["evil.example"] == 421 and got["127.0.0.1"] == 200 and got["localhost"] == 421
+    got = asyncio.run(go(Settings(dashboard_allowed_hosts="*")))
+    assert got["evil.example"] == 200
+
+
+def test_unknown_message_types_are_not_quoted_in_logs_or_reasons(stack, caplog):
+    """Item 12: a producer's 'type' value (up to the message size limit) never reaches a log line."""
+    import asyncio
+    import json
+    import logging
+
+    from stream.validate import Rejected, parse_message
+    from tests.stream.test_state_fencing import _processor
+
+    marker = "PRODUCER-TEXT-" + "x" * 5000
+    value = json.dumps({"conversation_id": "c", "type": marker, "seq": 0, "speaker": "s", "text": "hi"}).encode()
+    got = parse_message(value, b"c", 64_000, 4000)
+    assert isinstance(got, Rejected) and got.error == "wrong_type" and "PRODUCER-TEXT" not in got.reason
+    s, proc, sent = _processor(stack, "unknown-type-log")
+
+    async def go():
+        with caplog.at_level(logging.DEBUG):
+            await proc.process([(b"c", value, 0, 0), (b"c", b'{"conversation_id": "c", "text": "PRODUCER-TEXT-2"}', 0, 1)])
+        await proc.store.r.aclose()
+
+    asyncio.run(go())
+    assert [d["error"] for t, d in sent if t == s.dlq_topic] == ["wrong_type", "missing_field"]
+    assert "PRODUCER-TEXT" not in caplog.text and "dead-lettered" in caplog.text
