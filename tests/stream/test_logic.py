@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.modeling import EmotionSIModel
-from model.runtime import Scorer
+from model.scorer import Scorer
 from stream.contract import validate_event
 from stream.logic import Conversation, StepConfig, event_id, step
 from stream.validate import End, Utterance
