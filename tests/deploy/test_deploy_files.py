@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from model.encoders import ENV_VARS
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY_README = DEPLOY / "README.md"
 
 PREFIX = "EMOTION_MONITOR_"
-SETTINGS_ENV = {PREFIX + name.upper() for name in Settings.model_fields}
+# The worker's Settings, plus the model package's own variables (base-encoder folders, cache).
+SETTINGS_ENV = {PREFIX + name.upper() for name in Settings.model_fields} | set(ENV_VARS)
 # A name needs at least one character after the prefix, so `EMOTION_MONITOR_*` in prose is no match.
 ENV_NAME = re.compile(r"(?<![A-Za-z0-9_])EMOTION_MONITOR_[A-Z0-9_]*[A-Z0-9]")
 
