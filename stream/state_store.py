@@ -32,14 +32,25 @@ from stream.logic import Conversation
 log = logging.getLogger("emotion_monitor.state")
 
 # Compare-and-set of a batch of states. KEYS: per conversation its state key, idle, open and gap
-# set keys. ARGV[1]: TTL; then per conversation: member, version read, new bytes, and the idle,
-# open and gap scores ('' = remove from that set). The stored version is the first field of the
-# state's JSON header (Conversation.to_bytes). Returns the members whose write was refused.
+# set keys; then, when ARGV[2] is not '', the partition's owner key. ARGV[1]: TTL; ARGV[2]: the
+# worker that must still own the partition ('' = no check: the agent, which Kafka only feeds
+# partitions it owns); then per conversation: member, version read, new bytes, and the idle, open
+# and gap scores ('' = remove from that set). The stored version is the first field of the state's
+# JSON header (Conversation.to_bytes). Returns the members whose write was refused.
 SAVE_LUA = """
-local ttl = ARGV[1]
+local ttl, me = ARGV[1], ARGV[2]
+local n = #KEYS
 local fenced = {}
-for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 2 + i * 6
+if me ~= '' then
+  n = n - 1
+  local owner = redis.call('GET', KEYS[#KEYS])
+  if owner and owner ~= me then
+    for i = 0, n / 4 - 1 do fenced[#fenced + 1] = ARGV[3 + i * 6] end
+    return fenced
+  end
+end
+for i = 0, n / 4 - 1 do
+  local k, a = i * 4, 3 + i * 6
   local cur = redis.call('GET', KEYS[k + 1])
   local v = 0
   if cur then v = tonumber(string.match(cur, '^{"version":(%d+)') or '0') end
@@ -119,6 +130,24 @@ class StateStore:
     def _gap_key(self, partition: int) -> str:
         return f"{self.prefix}:gap:{partition}"
 
+    def _owner_key(self, partition: int) -> str:
+        return f"{self.prefix}:owner:{partition}"
+
+    async def claim(self, partitions: Iterable[int], worker: str) -> None:
+        """Record this worker as the owner of `partitions` (called when Kafka assigns them): a
+        stalled worker that wakes up still believing it owns one sees it is not, and its idle
+        timer neither flushes nor writes there."""
+        partitions = list(partitions)
+        if partitions:
+            async with self.r.pipeline(transaction=True) as pipe:
+                for p in partitions:
+                    pipe.set(self._owner_key(p), worker, ex=self.ttl_s)
+                await pipe.execute()
+
+    async def owner(self, partition: int) -> str | None:
+        raw = await self.r.get(self._owner_key(partition))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
     def quarantine_key(self, cid: str) -> str:
         return f"{self.prefix}:quarantine:{cid}"
 
@@ -154,13 +183,15 @@ class StateStore:
         if self.on_quarantine is not None:
             self.on_quarantine(reason.split(":", 1)[0])
 
-    async def save(self, convs: dict[str, Conversation], partitions: dict[str, int]) -> set[str]:
+    async def save(self, convs: dict[str, Conversation], partitions: dict[str, int],
+                   owner: tuple[int, str] | None = None) -> set[str]:
         """Write the states of a batch atomically, each only if its stored version is still the one
-        read (compare-and-set). Returns the conversations whose write was refused (fenced)."""
+        read (compare-and-set), and, with `owner` = (partition, worker), only while that worker is
+        the partition's recorded owner. Returns the conversations whose write was refused (fenced)."""
         if not convs:
             return set()
         keys: list[str] = []
-        args: list = [self.ttl_s]
+        args: list = [self.ttl_s, owner[1] if owner else ""]
         for cid, conv in convs.items():
             p = partitions[cid]
             new = replace(conv, version=conv.version + 1, partition=p)
@@ -170,6 +201,8 @@ class StateStore:
                      conv.last_event_ts if live and conv.pending else "",
                      conv.last_event_ts if live else "",
                      min(h.event_ts for h in conv.held.values()) if live and conv.held else ""]
+        if owner:
+            keys.append(self._owner_key(owner[0]))
         try:
             fenced = await self._save(keys=keys, args=args)
         except rx.ResponseError as exc:

@@ -18,6 +18,9 @@ import asyncio
 import base64
 import gc
 import hashlib
+import os
+import socket
+import uuid
 import tempfile
 import json
 import logging
@@ -67,6 +70,9 @@ class BatchProcessor:
         # Whether this worker still owns an input partition (set by the faust adapter): the idle
         # timer re-checks it per partition, under the lock, right before it flushes anything.
         self.owns = lambda partition: True
+        # This process in the partitions' owner records (StateStore.claim): fences a stalled
+        # worker's idle timer off partitions that another worker was assigned meanwhile.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         store.on_quarantine = lambda reason: self.metrics.quarantined.labels(reason).inc()
 
     def _read(self, messages, wall: float) -> None:
@@ -210,8 +216,10 @@ class BatchProcessor:
                         "that model's id and their context started over (context_reset)", outcome.model_changes)
 
     async def _finalize_idle(self, partition: int) -> int:
-        if not self.owns(partition):
-            # Lost in a rebalance since the timer listed it: the new owner flushes it.
+        owner = await self.store.owner(partition)
+        if not self.owns(partition) or owner not in (None, self.worker_id):
+            # Lost in a rebalance since the timer listed it (or this worker stalled and another
+            # one was assigned the partition meanwhile): the new owner flushes it.
             self.clocks.pop(partition, None)
             return 0
         now = time.time()
@@ -240,7 +248,7 @@ class BatchProcessor:
         if not self.owns(partition):  # lost while computing: publish and write nothing
             return 0
         await self._publish(outcome, [])
-        fenced = await self._save(changed, {c: partition for c in changed})
+        fenced = await self._save(changed, {c: partition for c in changed}, (partition, self.worker_id))
         self._count(outcome)
         await self.store.forget_idle(partition, stale + gone)
         flushed = sum(1 for c, v in changed.items() if not v.ended and c not in fenced)
@@ -280,7 +288,16 @@ class BatchProcessor:
             outcome.model_changes += out.model_changes
         return changed, outcome
 
-    async def _save(self, convs: dict[str, Conversation], partitions: dict[str, int]) -> set[str]:
+    async def assigned(self, partitions: set[int]) -> None:
+        """Kafka assigned these partitions to this worker: claim them (a stalled former owner's
+        timer then leaves them alone) and start their clocks afresh."""
+        async with self.lock:
+            await self._retrying(self.store.claim, sorted(partitions), self.worker_id)
+            for p in partitions:
+                self.clocks.pop(p, None)
+
+    async def _save(self, convs: dict[str, Conversation], partitions: dict[str, int],
+                    owner: tuple[int, str] | None = None) -> set[str]:
         """Write the batch's states, retrying with backoff until Redis takes them.
 
         The events are already published (and acked) at this point: retrying the write alone
@@ -294,7 +311,7 @@ class BatchProcessor:
         delay, since, last_log = 0.1, None, 0.0
         while True:
             try:
-                fenced = await self.store.save(convs, partitions)
+                fenced = await self.store.save(convs, partitions, owner)
                 break
             except StateWriteRefused as exc:
                 now = time.monotonic()
@@ -540,6 +557,14 @@ def build_app(settings: Settings, scorer):
         return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic}
 
     processor.owns = lambda p: p in assigned_now()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender, assigned, **kwargs) -> None:
+        mine = {tp.partition for tp in assigned if tp.topic == settings.utterances_topic}
+        try:
+            await processor.assigned(mine)
+        except Exception as exc:  # noqa: BLE001 - never fail the rebalance; the timer re-checks
+            log.error("could not record the ownership of partitions %s (%s)", sorted(mine), type(exc).__name__)
 
     # Also the gap wait's timer (at least every gap_wait / 2), whatever the lookahead: with
     # lookahead 0 nothing is pending, but conversations are still abandoned with their summary.
