@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # ---- Redis ------------------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for conversation state")
     redis_password: SecretStr | None = Field(None, description="Redis AUTH password (never logged); TLS: use a rediss:// URL")
-    state_ttl_s: int = Field(86400, ge=1, description="idle conversations' state expires after this")
+    state_ttl_s: int = Field(86400, ge=1, description="idle conversations' state expires after this (longer than the abandonment timeout); ended ones keep a small tombstone as long")
     # ---- model and streaming semantics ------------------------------------------------
     model_path: Path = Field(DEFAULT_MODEL, description="trained artifact folder")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")

@@ -82,10 +82,7 @@ def _processor(stack, app_id, **settings):
     from stream.worker import BatchProcessor
     from tests.conftest import tiny_config
 
-    try:
-        from model.scorer import Scorer
-    except ImportError:  # before the model package's refactor
-        from model.runtime import Scorer
+    from model.scorer import Scorer
     torch.manual_seed(0)
     scorer = Scorer.from_model(EmotionSIModel(tiny_config()), "tiny", "1")
     s = Settings(app_id=app_id, idle_finalize_s=2.0, abandon_after_s=60.0, **settings)
