@@ -83,7 +83,9 @@ async def _soak(args) -> int:
     samples: list[dict] = []
     with local_stack(topics, workdir=workdir) as stack:
         idle_s = max(2, args.ttl // 2)
-        worker = LocalWorker(local_worker_env(stack, state_ttl_s=args.ttl, idle_finalize_s=idle_s), workdir / "worker.log")
+        # The state must outlive the abandonment timeout (checked at start): end silent calls just before.
+        worker = LocalWorker(local_worker_env(stack, state_ttl_s=args.ttl, idle_finalize_s=idle_s,
+                                              abandon_after_s=max(idle_s + 1, args.ttl - 1)), workdir / "worker.log")
         r = aioredis.from_url(stack.redis_url)
         producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False, linger_ms=5)
         from aiokafka import AIOKafkaConsumer
