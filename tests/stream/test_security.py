@@ -95,13 +95,15 @@ def test_dashboard_refuses_unknown_host_headers_against_dns_rebinding():
                     hdr = {"Host": f"{host}:{server.port}" if host and ":" not in host else host}
                     async with http.get(f"http://127.0.0.1:{server.port}/api/state", headers=hdr) as r:
                         out[host] = r.status
+                async with http.get(f"http://127.0.0.1:{server.port}/healthz", headers={"Host": "10.1.2.3:8088"}) as r:
+                    out["probe"] = r.status  # a Kubernetes probe by pod address
         finally:
             await server.stop()
         return out
 
     got = asyncio.run(go(Settings()))
     assert got == {"127.0.0.1": 200, "localhost": 200, "LOCALHOST": 200, "[::1]": 200, "evil.example": 421,
-                   "attacker.test:8088": 421, "": 421}
+                   "attacker.test:8088": 421, "": 421, "probe": 200}
     got = asyncio.run(go(Settings(dashboard_allowed_hosts="board.example.com")))
     assert got["evil.example"] == 421 and got["127.0.0.1"] == 200 and got["localhost"] == 421
     got = asyncio.run(go(Settings(dashboard_allowed_hosts="*")))
