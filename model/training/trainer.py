@@ -31,7 +31,14 @@ from model.training import data as D
 from model.training.distill import distillation_loss, teacher_probs
 from model.training.evaluate import evaluate, plot_confusion
 
-MODEL_VERSION = "0.1.0"
+# 0.2.0: base encoder recorded in the config, text normalised on the encoder's input path.
+MODEL_VERSION = "0.2.0"
+
+
+def artifact_name(dataset: str, base_encoder: str) -> str:
+    """The model id's name part: the dataset, and the base when it is not the original minilm
+    (events and stored states carry name@version, so two bases must never share one)."""
+    return f"emotion-si-{dataset}" if base_encoder == "minilm" else f"emotion-si-{dataset}-{base_encoder}"
 
 
 def seed_everything(seed: int) -> None:
@@ -315,7 +322,7 @@ class Trainer:
             "best_epoch": result["best_epoch"],
             "device": str(self.device),
         }
-        path = save_artifact(self.model, self.out_dir, name=f"emotion-si-{self.cfg.dataset}", version=MODEL_VERSION, meta=meta)
+        path = save_artifact(self.model, self.out_dir, name=artifact_name(self.cfg.dataset, self.model_cfg.base_encoder), version=MODEL_VERSION, meta=meta)
         # Reload exactly what ships, so the reported dev numbers are those of the artifact.
         from model.artifact import load_artifact
 

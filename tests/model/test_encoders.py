@@ -81,6 +81,13 @@ def test_missing_packages_say_what_to_install(monkeypatch):
         encoders._part_files(base)
 
 
+def test_two_bases_never_share_a_model_id():
+    from model.training.trainer import artifact_name
+
+    assert artifact_name("meld", "minilm") == "emotion-si-meld"  # the shipped minilm models keep their id
+    assert artifact_name("meld", "mpnet") == "emotion-si-meld-mpnet"
+
+
 def test_artifact_says_which_base_it_needs(tmp_path):
     model = EmotionSIModel(tiny_config()).eval()
     path = save_artifact(model, tmp_path / "art", name="tiny", version="1")

@@ -53,6 +53,7 @@ def test_train_and_evaluate_on_jsonl_with_its_own_labels(tmp_path, capsys):
                       "--out", str(tmp_path / "art")]) == 0
     model, config = load_artifact(tmp_path / "art")
     assert model.cfg.emotion_labels == LABELS
+    assert (config["name"], config["model"]["base_encoder"]) == ("emotion-si-jsonl", "minilm")
     assert "agent-0" in model.cfg.speaker_labels
     capsys.readouterr()
     assert model_cli(["evaluate", "--model", str(tmp_path / "art"), "--dataset", "jsonl", "--data", str(dev),
