@@ -5,8 +5,9 @@ Per micro-batch (DESIGN.md, "Data flow"):
   2. read the batch's conversations from Redis (one MGET);
   3. encode the new utterances (one encoder call) and step every conversation (`stream.logic.step`);
   4. publish the events and DLQ records and wait for the broker's acks;
-  5. write the states back (one MULTI/EXEC) -- only after the events are acked, so a crash
-     in between leads to a redelivery that re-emits the same event ids, never to a lost event.
+  5. write the states back (one fenced Lua script, compare-and-set per conversation) -- only after
+     the events are acked, so a crash in between leads to a redelivery that re-emits the same
+     event ids, never to a lost event.
 The idle timer flushes conversations of this worker's partitions that went quiet (their pending
 utterances become final; they stay open) and ends those quiet for the abandonment timeout. Quiet
 is measured in event time per partition (`stream.logic.PartitionClock`).
