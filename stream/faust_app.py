@@ -47,3 +47,34 @@ class MonitorApp(faust.App):
         if url.startswith(("kafka://", "aiokafka://")):
             return _Transport(self.conf.broker_consumer, self)
         return super()._new_transport()
+
+
+def make_app(settings) -> MonitorApp:
+    """The app every worker of this project runs (the monitor, the bench's passthrough), built from
+    one Settings object: broker, fetch wait, group timeouts, acks, web port, credentials."""
+    import tempfile
+    from pathlib import Path
+
+    # faust writes a data folder per app id; with no tables it holds nothing worth keeping, so it
+    # stays out of the working directory.
+    datadir = Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
+    return MonitorApp(
+        settings.app_id,
+        broker=settings.broker_list,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        producer_acks=-1,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        broker_credentials=settings.faust_credentials(),
+        autodiscover=False,
+        store="memory://",
+        datadir=str(datadir),
+    )

@@ -10,9 +10,8 @@ emotions topic with the acks of a batch awaited together, as the worker does. No
 no alert rules. What this process spends per message is what Kafka I/O alone costs a faust worker;
 the bench compares the real worker's CPU beyond its encoder with it (`overhead_vs_passthrough`).
 
-The app is built here from the worker's settings rather than by `stream.worker.build_app`, which
-also builds the model's processor and the Redis client; `_app_kwargs` mirrors its MonitorApp
-arguments and must follow them.
+The app comes from `stream.faust_app.make_app`, the factory the worker's `build_app` uses too, so
+both run with the same broker, fetch, group and producer settings.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import asyncio
 import gc
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,30 +29,6 @@ from stream.settings import Settings
 from stream.validate import Rejected, Utterance, parse_message
 
 log = logging.getLogger("emotion_monitor.passthrough")
-
-
-def _app_kwargs(settings: Settings) -> dict[str, Any]:
-    """The worker's MonitorApp arguments (stream/worker.py build_app), from the same settings."""
-    datadir = Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id
-    datadir.parent.mkdir(parents=True, exist_ok=True)
-    return dict(
-        broker=settings.broker_list,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        key_serializer="raw",
-        value_serializer="raw",
-        topic_partitions=settings.partitions,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=settings.heartbeat_interval_s,
-        broker_rebalance_timeout=settings.rebalance_timeout_s,
-        producer_acks=-1,
-        web_port=settings.web_port,
-        web_bind=settings.web_host,
-        broker_credentials=settings.faust_credentials(),
-        autodiscover=False,
-        store="memory://",
-        datadir=str(datadir),
-    )
 
 
 def model_identity(model_path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -94,9 +68,9 @@ def _dumps(obj: dict[str, Any]) -> bytes:
 
 
 def build_passthrough_app(settings: Settings):
-    from stream.faust_app import MonitorApp
+    from stream.faust_app import make_app
 
-    app = MonitorApp(settings.app_id, **_app_kwargs(settings))
+    app = make_app(settings)
     source = app.topic(settings.utterances_topic, partitions=settings.partitions)
     emotions = app.topic(settings.emotions_topic, partitions=settings.partitions)
     labels, model = model_identity(settings.model_path)

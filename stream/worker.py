@@ -22,12 +22,10 @@ import hashlib
 import os
 import socket
 import uuid
-import tempfile
 import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -500,31 +498,9 @@ def build_app(settings: Settings, scorer):
     """The faust app with its agent and idle timer (the thin Kafka adapter)."""
     import redis.asyncio as aioredis
 
-    from stream.faust_app import MonitorApp
+    from stream.faust_app import make_app
 
-    datadir = Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id
-    datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
-    app = MonitorApp(
-        settings.app_id,
-        broker=settings.broker_list,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        key_serializer="raw",
-        value_serializer="raw",
-        topic_partitions=settings.partitions,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=settings.heartbeat_interval_s,
-        broker_rebalance_timeout=settings.rebalance_timeout_s,
-        producer_acks=-1,
-        web_port=settings.web_port,
-        web_bind=settings.web_host,
-        broker_credentials=settings.faust_credentials(),
-        autodiscover=False,
-        store="memory://",
-        # faust writes a data folder per app id; with no tables it holds nothing worth keeping,
-        # so keep it out of the working directory.
-        datadir=str(datadir),
-    )
+    app = make_app(settings)
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     # Keys are namespaced by app id: two deployments (say a MELD and an EmoryNLP model) can share
     # one Redis without one's idle timer finalising the other's conversations.
