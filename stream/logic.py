@@ -3,7 +3,7 @@
 No Kafka, no Redis here: the worker loads the conversations of a batch, calls `step`, publishes
 what it returns and stores the new states. Tests drive it directly.
 
-Event rules (README, "Streaming semantics"), with L the model's lookahead:
+Event rules (docs/architecture.md), with L the model's lookahead:
 - utterance t arrives -> `provisional` for t (or `final` at once when L = 0);
 - t-1..t-L+1 re-scored -> `revised` for those whose label changed;
 - t-L re-scored with L later utterances -> `final`, exactly once;
@@ -15,7 +15,7 @@ Event rules (README, "Streaming semantics"), with L the model's lookahead:
 Delivery: a message with seq <= last applied seq is a redelivery and is not applied again,
 unless its content provably differs (its seq is among the last `window` applied and its digest is
 not the one applied): that is a seq regression and goes to the DLQ.
-Gaps (README, "Seq gaps"): an utterance whose seq skips ahead is held (with its vector) until the
+Gaps (docs/architecture.md, "Seq gaps"): an utterance whose seq skips ahead is held (with its vector) until the
 missing seqs arrive; after `gap_wait_s` (event time), more than `window` held utterances, or the
 conversation's end, the held ones are applied in seq order and the first after each hole carries
 `gap: true`. A skipped seq that arrives after that goes to the DLQ as `seq_late`.
@@ -161,7 +161,7 @@ class StepConfig:
     window: int  # how many recent seqs are remembered for redelivery detection
     echo_text: bool = False
     rules: tuple[Rule, ...] = ()  # alert rules over final events (stream/rules/default.toml)
-    # Event time an utterance after a hole in seq waits for the missing ones (README, "Seq gaps").
+    # Event time an utterance after a hole in seq waits for the missing ones (docs/architecture.md, "Seq gaps").
     gap_wait_s: float = 5.0
 
 

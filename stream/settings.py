@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     # stream/logic.py PartitionClock: a worker catching up on a backlog does not flush.
     idle_finalize_s: float = Field(30.0, gt=0, description="a conversation quiet this long (event time) gets its pending utterances finalised; it stays open")
     abandon_after_s: float = Field(1800.0, gt=0, description="a conversation with no utterance for this long (event time) ends: pending finals, then its summary (ended_by abandoned)")
-    # Seq gaps (README, "Seq gaps"): utterances after a missing seq wait this long (event time) for
+    # Seq gaps (docs/architecture.md, "Seq gaps"): utterances after a missing seq wait this long (event time) for
     # it, then are scored with gap: true on their events; shorter than the idle timeout.
     gap_wait_s: float | None = Field(None, ge=0, description="utterances after a missing seq wait this long (event time) for it, then are scored with gap: true (default: 5 s, at most half the idle timeout)")
     rules_path: Path | None = Field(None, description="alert rules TOML (default: the shipped stream/rules/default.toml)")

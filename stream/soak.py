@@ -6,7 +6,7 @@ its place), samples every `--every` seconds: worker RSS, Redis used memory, conv
 Redis; after the load stops, waits for the TTL and samples again (idle conversations expire).
 Prints the table and a summary; `--json` adds one JSON object as the last line.
 
-`--faults` runs the reliability soak instead (README, "Reliability"): `--workers` worker processes,
+`--faults` runs the reliability soak instead (docs/reliability.md): `--workers` worker processes,
 calls with pauses of 0 to `--max-pause` seconds inside them (longer than the idle timeout: flushes),
 a worker SIGKILLed (and a fresh one started) every `--kill-every` seconds, Redis restarted (AOF kept)
 at `--redis-restart-at`, and an invalid message every `--invalid-every` utterances. At the end every

@@ -61,7 +61,7 @@ def test_unicode_edge_cases(text):
 
 
 def test_fuzz_counts_are_reported(capsys):
-    """A fixed-seed batch of random messages, with the count per outcome printed (the README quotes it)."""
+    """A fixed-seed batch of random messages, with the count per outcome printed (docs/reliability.md quotes it)."""
     import random
 
     rng = random.Random(1234)

@@ -1,6 +1,6 @@
 """`emotion-monitor soak --faults`, short: pauses inside calls longer than the idle timeout, worker
 SIGKILLs, a Redis restart and injected invalid messages; nothing valid lost, no duplicate final id,
-dead letters only for what it injected. (The 10-minute run: README, "Reliability".)"""
+dead letters only for what it injected. (The 10-minute run: docs/reliability.md.)"""
 
 from __future__ import annotations
 
