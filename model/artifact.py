@@ -20,8 +20,6 @@ from model.encoders import build_model
 from model.modeling import EmotionSIModel
 
 FORMAT = "emotion-monitor-artifact/1"
-# The shipped artifacts (model cards beside the weights).
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def stored_state(model: EmotionSIModel) -> dict[str, torch.Tensor]:

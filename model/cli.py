@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from model.artifact import WEIGHTS_DIR
+from model.config import WEIGHTS_DIR
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

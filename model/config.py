@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The shipped artifacts (model cards beside the weights). Here, in a module without torch, so a
+# CLI or the worker's settings can name them without loading the model stack.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
 
 @dataclass(frozen=True)
 class TinyEncoderConfig:

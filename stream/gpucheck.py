@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.artifact import WEIGHTS_DIR, load_artifact
+from model.artifact import load_artifact
 from model.backends import BackendUnavailable, build_encoder, tensorrt_available
+from model.config import WEIGHTS_DIR
 from model.encoders import load_tokenizer
 from model.encoding import encode_texts, tokenize
 from model.streaming import DialogueState, step

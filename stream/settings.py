@@ -12,7 +12,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model" / "weights" / "meld"
+from model.config import WEIGHTS_DIR
+
+DEFAULT_MODEL = WEIGHTS_DIR / "meld"
 
 
 class Settings(BaseSettings):

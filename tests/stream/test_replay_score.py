@@ -4,7 +4,6 @@ formats, and the replayed score against `evaluate` through a real worker."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,7 +177,8 @@ MELD_DEV = default_data_dir() / "meld" / "dev_sent_emo.csv"
 @pytest.mark.skipif(not MELD_DEV.is_file(), reason=f"MELD dev split not found at {MELD_DEV}")
 def test_demo_score_of_the_meld_dev_split_equals_evaluate(capsys):
     """The whole dev split through `demo --score --json` (local stack, a worker, the shipped model)."""
-    from model.artifact import WEIGHTS_DIR, load_artifact
+    from model.artifact import load_artifact
+    from model.config import WEIGHTS_DIR
     from model.encoders import load_tokenizer
     from model.training.data import load_meld
     from model.training.evaluate import evaluate
