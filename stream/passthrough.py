@@ -95,12 +95,12 @@ def build_passthrough_app(settings: Settings):
 def main() -> None:
     import faust
 
-    from stream.localstack import create_topics
+    from stream.kafka import create_topics
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     topics = {settings.utterances_topic: settings.partitions, settings.emotions_topic: settings.partitions}
-    asyncio.run(create_topics(settings.bootstrap_servers(), topics, **settings.kafka_client_options()))
+    asyncio.run(create_topics(settings.brokers, topics, settings))
     app = build_passthrough_app(settings)
     gc.collect()
     gc.freeze()  # as the worker does after start-up

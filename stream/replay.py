@@ -29,7 +29,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stream import kafka
 from stream.scoring import SentUtterance
+from stream.settings import Settings
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "call_center.jsonl"
 MAX_GAP_S = 5.0  # long pauses (scene changes in MELD, hold music) would only make a demo drag
@@ -200,7 +202,7 @@ def _with_ends(items: list[tuple[float, dict, str | None]]) -> list[tuple[float,
 
 
 async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", speed: float = 0.0,
-                 progress: bool = True, limit: int | None = None, client_options: dict | None = None,
+                 progress: bool = True, limit: int | None = None, settings: Settings | None = None,
                  tag: str | None = None, close_conversations: bool = False,
                  before_send: Callable[[dict], Awaitable[None]] | None = None) -> ReplayStats:
     """Send the file's messages to `topic`, key = conversation_id.
@@ -208,13 +210,12 @@ async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", sp
     speed: 0 sends as fast as possible; X replays at X times real time (pauses capped at 5 s).
     limit: replay only the first `limit` conversations, each whole with its `end` message, so a
     partial replay never leaves a conversation open.
-    client_options: aiokafka security arguments (`Settings.kafka_client_options()`).
+    settings: where the Kafka security options come from (stream.kafka).
     tag: appended to every conversation id ("<id>-<tag>"), so a file can be replayed again against
     a stack that has seen (and ended) its conversations.
     close_conversations: send an `end` after the last line of each conversation the file leaves open.
     before_send: awaited before each message is sent (the scored replay's flow control).
     """
-    from aiokafka import AIOKafkaProducer
     from rich.console import Console
     from rich.progress import Progress
 
@@ -225,13 +226,10 @@ async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", sp
         items = _first_conversations(items, limit)
     if close_conversations:
         items = _with_ends(items)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap.replace("kafka://", ""),
-        enable_idempotence=False,  # Tansu (local stack) lacks InitProducerId v0: idempotence fails there
-        acks="all",
+    producer = kafka.producer(
+        bootstrap, settings, acks="all",
         linger_ms=5,  # small: at replay speed a message should leave at once, its ts is its send time
         value_serializer=lambda m: json.dumps(m, ensure_ascii=False).encode("utf-8"),
-        **(client_options or {}),
     )
     await producer.start()
     sent, pending, started = 0, [], time.perf_counter()
@@ -265,7 +263,7 @@ async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", sp
 
 async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str = "utterances",
                         emotions_topic: str = "emotions", speed: float = 0.0, progress: bool = True,
-                        limit: int | None = None, client_options: dict | None = None, tag: str | None = None,
+                        limit: int | None = None, settings: Settings | None = None, tag: str | None = None,
                         max_in_flight: int = 64, timeout_s: float = 300.0, console=None,
                         on_event: Callable[[dict], None] | None = None) -> dict:
     """Replay `path` while reading `emotions_topic`; returns stream.scoring's report.
@@ -277,7 +275,6 @@ async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str 
     a missing answer holds the sender at most 5 s.
     Stops once every utterance has a final event, or `timeout_s` after the last message was sent.
     """
-    from aiokafka import AIOKafkaConsumer
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -287,9 +284,7 @@ async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str 
     if limit is not None:
         items = _first_conversations(items, limit)
     total = sum(1 for _, m, _ in items if m.get("type", "utterance") == "utterance")
-    consumer = AIOKafkaConsumer(emotions_topic, bootstrap_servers=bootstrap.replace("kafka://", ""), group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=10,
-                                **(client_options or {}))
+    consumer = kafka.consumer(emotions_topic, bootstrap=bootstrap, settings=settings, fetch_max_wait_ms=10)
     await consumer.start()
     received: list[tuple[float, dict]] = []
     answered: set[tuple[str, int]] = set()  # utterances with a provisional (or any) event back
@@ -321,7 +316,7 @@ async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str 
                     if msg.get("type", "utterance") == "utterance":
                         bar.advance(t_sent)
                 return await replay(path, bootstrap, utterances_topic, speed=speed, progress=False, limit=limit,
-                                    client_options=client_options, tag=tag, close_conversations=True, before_send=gated)
+                                    settings=settings, tag=tag, close_conversations=True, before_send=gated)
 
             sender = asyncio.create_task(send())
             deadline = None
@@ -404,17 +399,17 @@ def run_replay(args) -> int:
     from stream.settings import load_settings
 
     settings = load_settings()
-    bootstrap = args.bootstrap or settings.bootstrap_servers()
+    bootstrap = args.bootstrap or settings.brokers
     if args.score:
         report = asyncio.run(replay_scored(args.path, bootstrap, args.topic or settings.utterances_topic,
                                            settings.emotions_topic, speed=args.speed, progress=not args.no_progress,
-                                           limit=args.limit, client_options=settings.kafka_client_options(),
+                                           limit=args.limit, settings=settings,
                                            tag=args.tag, max_in_flight=args.max_in_flight, timeout_s=args.timeout))
         print_report(report, args.json)
         return 0 if report["lost"] == 0 else 1
     stats = asyncio.run(replay(args.path, bootstrap,
                                topic=args.topic or settings.utterances_topic, speed=args.speed,
                                progress=not args.no_progress, limit=args.limit,
-                               client_options=settings.kafka_client_options(), tag=args.tag))
+                               settings=settings, tag=args.tag))
     print(f"sent {stats.sent} messages from {stats.conversations} conversations in {stats.seconds:.2f} s")
     return 0

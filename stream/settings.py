@@ -1,8 +1,10 @@
 """One frozen settings object, read from the environment (prefix EMOTION_MONITOR_).
 
-Every knob of the worker, the local stack and the people-facing commands lives here, with its
-default and the reason for it; the README's settings table is generated from these fields
-(`emotion-monitor settings`).
+Every knob of the worker, the dashboard and the people-facing commands lives here, with its
+default and the reason for it, in four sections: Kafka, Redis, worker, dashboard. The environment
+variable of a field is its name in upper case after the prefix (`emotion-monitor settings` lists
+them; docs/configuration.md holds the table). What the Kafka fields mean for a client (bootstrap
+list, security options, faust credentials) is decided in stream/kafka.py.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for conversation state")
     redis_password: SecretStr | None = Field(None, description="Redis AUTH password (never logged); TLS: use a rediss:// URL")
     state_ttl_s: int = Field(86400, ge=1, description="idle conversations' state expires after this (longer than the abandonment timeout); ended ones keep a small tombstone as long")
-    # ---- model and streaming semantics ------------------------------------------------
+    # ---- worker: model and streaming semantics ----------------------------------------
     model_path: Path = Field(DEFAULT_MODEL, description="trained artifact folder")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
     backend: str = Field("auto", pattern="^(auto|eager|compile|tensorrt|onnx)$",
@@ -66,11 +68,11 @@ class Settings(BaseSettings):
     # p99 at half the sustained rate 180 ms (spinning) vs 135 ms (passive), throughput 182 vs 168 utt/s.
     omp_wait_policy: str = Field("PASSIVE", pattern="^(PASSIVE|ACTIVE)$",
                                  description="OpenMP wait policy of the worker process (unless OMP_WAIT_POLICY is set)")
-    # ---- batching (one encoder call per batch) ----------------------------------------
+    # ---- worker: batching (one encoder call per batch) --------------------------------
     max_batch: int = Field(64, ge=1, description="utterances per micro-batch at most")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill up")
     max_batch_tokens: int = Field(4096, ge=64, description="padded tokens per encoder call at most (length-sorted groups)")
-    # ---- input limits and privacy -----------------------------------------------------
+    # ---- worker: input limits and privacy ---------------------------------------------
     max_text_chars: int = Field(4000, ge=1, description="longer texts go to the DLQ")
     max_message_bytes: int = Field(64_000, ge=1, description="larger messages go to the DLQ")
     # A dead letter carries the original bytes up to this size (then a prefix, the size and a
@@ -78,16 +80,17 @@ class Settings(BaseSettings):
     dlq_max_bytes: int = Field(65_536, ge=0, le=512_000,
                                description="original bytes a dead letter carries at most (beyond: a prefix, with the size and SHA-256)")
     echo_text: bool = Field(False, description="copy the utterance text into emotion events (personal data)")
-    # ---- local stack (make demo, tests) -----------------------------------------------
+    # ---- worker: web port and logs -----------------------------------------------------
     web_port: int = Field(6066, ge=0, description="faust web port of the worker (/metrics, /healthz, /readyz)")
     web_host: str = Field("127.0.0.1", description="bind address of the worker's web port (0.0.0.0 in containers)")
+    log_level: str = Field("info", description="worker log level")
+    # ---- dashboard ----------------------------------------------------------------------
     dashboard_host: str = Field("127.0.0.1", description="dashboard bind address")
     dashboard_port: int = Field(8088, ge=0, description="dashboard HTTP port")
     # DNS rebinding: a page on an attacker's domain that resolves to 127.0.0.1 could read the
     # dashboard; requests whose Host header is not one of these names are refused (421).
     dashboard_allowed_hosts: str = Field("127.0.0.1,localhost,[::1]",
                                          description="Host header names the dashboard answers, comma separated (against DNS rebinding; its bind address is always allowed; * allows any)")
-    log_level: str = Field("info", description="worker log level")
 
     @model_validator(mode="after")
     def _check_together(self) -> "Settings":
@@ -120,40 +123,6 @@ class Settings(BaseSettings):
 
     def __repr__(self) -> str:  # pydantic already masks SecretStr; this keeps it short in logs
         return f"Settings(brokers={self.brokers!r}, app_id={self.app_id!r}, model_path={str(self.model_path)!r})"
-
-    def kafka_client_options(self) -> dict:
-        """Security keyword arguments for plain aiokafka clients (topic creation at start-up,
-        replay, watch, dashboard): the same protocol and credentials as the worker's faust app."""
-        import ssl
-
-        proto = self.kafka_security_protocol
-        if proto == "PLAINTEXT":
-            return {}
-        opts: dict = {"security_protocol": proto}
-        if proto in ("SSL", "SASL_SSL"):
-            opts["ssl_context"] = ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
-        if proto.startswith("SASL"):
-            if not self.kafka_sasl_username or self.kafka_sasl_password is None:
-                raise ValueError(f"{proto} needs EMOTION_MONITOR_KAFKA_SASL_USERNAME and EMOTION_MONITOR_KAFKA_SASL_PASSWORD")
-            opts.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
-                        sasl_plain_password=self.kafka_sasl_password.get_secret_value())
-        return opts
-
-    def faust_credentials(self):
-        """faust broker credentials from the Kafka security settings (None = plaintext)."""
-        import faust
-
-        opts = self.kafka_client_options()
-        if not opts:
-            return None
-        if opts["security_protocol"] == "SSL":
-            return faust.SSLCredentials(opts["ssl_context"])
-        return faust.SASLCredentials(username=opts["sasl_plain_username"], password=opts["sasl_plain_password"],
-                                     mechanism=opts["sasl_mechanism"], ssl_context=opts.get("ssl_context"))
-
-    def bootstrap_servers(self) -> str:
-        """host:port list for plain aiokafka clients (without the kafka:// scheme)."""
-        return ",".join(b.split("://", 1)[-1] for b in self.broker_list)
 
 
 def load_settings(**overrides) -> Settings:

@@ -67,9 +67,9 @@ def run_soak(args) -> int:
 
 async def _soak(args) -> int:
     import redis.asyncio as aioredis
-    from aiokafka import AIOKafkaProducer
     from rich.console import Console
 
+    from stream import kafka
     from stream.bench import _texts
     from stream.localrun import LocalWorker, local_worker_env, wait_until_ready
     from stream.localstack import local_stack
@@ -87,11 +87,8 @@ async def _soak(args) -> int:
         worker = LocalWorker(local_worker_env(stack, state_ttl_s=args.ttl, idle_finalize_s=idle_s,
                                               abandon_after_s=max(idle_s + 1, args.ttl - 1)), workdir / "worker.log")
         r = aioredis.from_url(stack.redis_url)
-        producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False, linger_ms=5)
-        from aiokafka import AIOKafkaConsumer
-
-        probe = AIOKafkaConsumer(settings.emotions_topic, bootstrap_servers=stack.bootstrap, group_id=None,
-                                 auto_offset_reset="earliest", fetch_max_wait_ms=50)
+        producer = kafka.producer(stack.bootstrap, linger_ms=5)
+        probe = kafka.consumer(settings.emotions_topic, bootstrap=stack.bootstrap, fetch_max_wait_ms=50)
         await probe.start()
         try:
             await wait_until_ready(stack.bootstrap, settings.utterances_topic, probe, worker)
@@ -184,9 +181,9 @@ async def _soak_faults(args) -> int:
     import os
     import signal
 
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     from rich.console import Console
 
+    from stream import kafka
     from stream.bench import _texts
     from stream.localrun import LocalWorker, local_worker_env, wait_all_assigned, wait_until_ready
     from stream.localstack import start_redis, start_stack, stop_process
@@ -214,7 +211,7 @@ async def _soak_faults(args) -> int:
         n_started += 1
         return LocalWorker(local_worker_env(stack), workdir / f"worker-{n_started}.log")
 
-    async def read(consumer: AIOKafkaConsumer) -> None:
+    async def read(consumer) -> None:
         while True:
             batch = await consumer.getmany(timeout_ms=500)
             for tp, records in batch.items():
@@ -226,9 +223,8 @@ async def _soak_faults(args) -> int:
                         finals.setdefault((v["conversation_id"], v["seq"]), set()).add(v["event_id"])
 
     log = lambda msg: console.print(f"[dim]soak[/] {msg}")  # noqa: E731
-    consumer = AIOKafkaConsumer(settings.emotions_topic, settings.dlq_topic, bootstrap_servers=stack.bootstrap,
-                                group_id=None, auto_offset_reset="earliest", fetch_max_wait_ms=100)
-    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=False, linger_ms=5)
+    consumer = kafka.consumer(settings.emotions_topic, settings.dlq_topic, bootstrap=stack.bootstrap)
+    producer = kafka.producer(stack.bootstrap, linger_ms=5)
     reader = None
     try:
         workers = [start_worker() for _ in range(max(1, args.workers))]

@@ -14,6 +14,9 @@ from datetime import datetime
 from rich.console import Console
 from rich.text import Text
 
+from stream import kafka
+from stream.settings import Settings
+
 # MELD and EmoryNLP labels; anything else is shown unstyled.
 EMOTION_STYLES = {
     "anger": "bold red", "mad": "bold red",
@@ -73,27 +76,20 @@ def format_event(event: dict) -> Text:
 
 async def watch(bootstrap: str, topic: str = "emotions", conversation: str | None = None, final_only: bool = False,
                 group: str | None = None, max_events: int | None = None, timeout_s: float | None = None,
-                console: Console | None = None, client_options: dict | None = None) -> list[dict]:
+                console: Console | None = None, settings: Settings | None = None) -> list[dict]:
     """Print emotion events as they arrive; return the events shown (after the filters).
 
     Stops after `max_events` shown events, after `timeout_s` seconds, or when cancelled (Ctrl-C).
     Without `group` nothing is committed and every run starts from the beginning of the topic;
     with a group, a later run resumes where this one stopped.
     """
-    from aiokafka import AIOKafkaConsumer
-
     console = console or Console()
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap.replace("kafka://", ""),
+    # From the earliest offset, with a short fetch wait (stream.kafka's defaults): a supervisor
+    # also sees the calls already in progress.
+    consumer = kafka.consumer(
+        topic, bootstrap=bootstrap, settings=settings,
         group_id=group,
         enable_auto_commit=group is not None,
-        # "earliest", not "latest": the local broker (Tansu) answers ListOffsets "latest" wrongly
-        # so "latest" could skip or replay arbitrary events. Reading from the start
-        # also shows a supervisor the calls already in progress.
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,  # Tansu waits out the whole interval before answering: keep it short
-        **(client_options or {}),  # security: Settings.kafka_client_options()
         session_timeout_ms=6000,  # Kafka's minimum by default; a group's first join takes about half of it
         heartbeat_interval_ms=500,
     )
@@ -157,10 +153,10 @@ def run_watch(args) -> int:
 
     settings = load_settings()
     try:
-        asyncio.run(watch(args.bootstrap or settings.bootstrap_servers(), topic=args.topic or settings.emotions_topic,
+        asyncio.run(watch(args.bootstrap or settings.brokers, topic=args.topic or settings.emotions_topic,
                           conversation=args.conversation, final_only=args.final_only, group=args.group,
                           max_events=args.max_events, timeout_s=args.timeout,
-                          client_options=settings.kafka_client_options()))
+                          settings=settings))
     except KeyboardInterrupt:
         pass  # Ctrl-C is the normal way to stop watching
     return 0

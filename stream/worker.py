@@ -597,7 +597,7 @@ def run_worker(settings: Settings) -> None:
     import faust
 
     from model.scorer import Scorer
-    from stream.localstack import create_topics
+    from stream.kafka import create_topics, monitor_topics
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.torch_threads:
@@ -607,9 +607,7 @@ def run_worker(settings: Settings) -> None:
     scorer = Scorer(settings.model_path, settings.device, settings.backend, settings.max_batch, settings.max_batch_tokens)
     log.info("model %s on %s, encoder backend %s (lookahead %d, window %d)", scorer.model_id, scorer.device,
              scorer.backend, scorer.lookahead, scorer.window)
-    topics = {t: settings.partitions for t in (settings.utterances_topic, settings.emotions_topic, settings.alerts_topic,
-                                              settings.summaries_topic, settings.dlq_topic)}
-    asyncio.run(create_topics(settings.bootstrap_servers(), topics, **settings.kafka_client_options()))
+    asyncio.run(create_topics(settings.brokers, monitor_topics(settings), settings))
     app = build_app(settings, scorer)
     # torch, transformers and faust leave ~440k long-lived objects to the cyclic garbage
     # collector; a full collection walked them all and stalled the worker for 280-330 ms (measured

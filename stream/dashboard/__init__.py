@@ -49,12 +49,12 @@ def run_dashboard_cmd(args: argparse.Namespace) -> int:
     import asyncio
 
     from stream.dashboard.server import run_dashboard
+    from stream.kafka import bootstrap_servers
     from stream.settings import Settings
 
     overrides = {}
     if getattr(args, "bootstrap", None):
-        overrides["brokers"] = ",".join(f"kafka://{b.strip().split('://', 1)[-1]}"
-                                        for b in args.bootstrap.split(",") if b.strip())
+        overrides["brokers"] = ",".join(f"kafka://{b}" for b in bootstrap_servers(args.bootstrap).split(","))
     settings = Settings(**overrides)
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")

@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from stream import kafka
 from stream.dashboard import add_dashboard, run_dashboard_cmd  # noqa: F401 - re-exported (CLI side)
 from stream.dashboard.state import BoardState, coalesce
 
@@ -198,20 +199,15 @@ class DashboardServer:
         return self.state.apply(kind, event)
 
     async def _consume(self) -> None:
-        from aiokafka import AIOKafkaConsumer
-
         backoff = 1.0
         while not self._stopping:
-            consumer = AIOKafkaConsumer(
-                *self.topics,
-                bootstrap_servers=self.settings.bootstrap_servers(),
-                group_id=None, enable_auto_commit=False,
-                auto_offset_reset="earliest",  # Tansu's "latest" is wrong; the start shows calls under way
-                # Tansu waits out the whole fetch wait before answering: keep it short
+            # No group, from the earliest offset (stream.kafka's defaults): every dashboard sees
+            # everything, including the calls already under way.
+            consumer = kafka.consumer(
+                *self.topics, bootstrap=self.settings.brokers, settings=self.settings,
                 fetch_max_wait_ms=max(1, min(self.settings.fetch_max_wait_ms, 100)),
                 metadata_max_age_ms=5000,  # notice topics created after the dashboard started
                 client_id="emotion-monitor-dashboard",
-                **self.settings.kafka_client_options(),
             )
             try:
                 self.consumer_status.update(state="connecting", error=None)
@@ -282,7 +278,7 @@ async def run_dashboard(settings, host: str | None = None, port: int | None = No
     server = DashboardServer(settings, host, port)
     await server.start()
     print(f"dashboard: {server.url}", flush=True)
-    print(f"dashboard: reading {', '.join(server.topics)} from {settings.bootstrap_servers()}", flush=True)
+    print(f"dashboard: reading {', '.join(server.topics)} from {kafka.bootstrap_servers(settings.brokers)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread / Windows

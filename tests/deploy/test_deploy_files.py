@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from model.encoders import ENV_VARS
+from stream.kafka import bootstrap_servers
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -660,7 +661,7 @@ def test_keda_scales_the_worker_on_the_lag_of_its_group_up_to_the_partition_coun
     meta = trigger["metadata"]
     assert meta["consumerGroup"] == configured(data, "app_id") == "emotion-monitor"
     assert meta["topic"] == configured(data, "utterances_topic") == "utterances"
-    brokers = sorted(b.strip().split("://", 1)[-1] for b in configured(data, "brokers").split(","))
+    brokers = sorted(bootstrap_servers(configured(data, "brokers")).split(","))
     assert sorted(b.strip() for b in meta["bootstrapServers"].split(",")) == brokers
     assert 1 <= so["spec"]["minReplicaCount"], "no worker at zero lag means nobody finalises idle conversations"
     assert so["spec"]["maxReplicaCount"] <= int(configured(data, "partitions"))

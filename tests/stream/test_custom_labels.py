@@ -8,7 +8,7 @@ import pytest
 
 from model.cli import main as model_cli
 from model.training.data import load_jsonl
-from stream.localstack import create_topics
+from stream.kafka import create_topics
 from tests.jsonl_corpus import LABELS, TINY_RECIPE, write_corpus
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 

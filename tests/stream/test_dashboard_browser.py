@@ -65,13 +65,13 @@ def _check_contract(topic: str, value: dict) -> None:
 
 
 def _produce(bootstrap: str, records: list[tuple[str, str, dict]]) -> None:
-    from aiokafka import AIOKafkaProducer
+    from stream import kafka
 
     for topic, _key, value in records:
         _check_contract(topic, value)
 
     async def go():
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=0)
+        producer = kafka.producer(bootstrap, linger_ms=0)
         await producer.start()
         try:
             for topic, key, value in records:
@@ -139,7 +139,7 @@ class DashboardThread:
 # ---- the test ----------------------------------------------------------------------------------
 
 def test_dashboard_shows_conversations_finals_alerts_and_summary_live(stack, tmp_path, capsys):
-    from stream.localstack import create_topics
+    from stream.kafka import create_topics
     from stream.settings import Settings
 
     uid = uuid.uuid4().hex[:8]

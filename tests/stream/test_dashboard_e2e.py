@@ -27,7 +27,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "model" / "weights" / "meld"
 
 
 def test_replayed_escalation_shows_events_and_an_alert(stack, tmp_path):
-    from stream.localstack import create_topics
+    from stream.kafka import create_topics
     from stream.settings import Settings
 
     names = unique_names()

@@ -13,7 +13,7 @@ import pytest
 
 from model.artifact import load_artifact
 from stream.contract import validate_event
-from stream.localstack import create_topics
+from stream.kafka import create_topics
 from tests.stream.test_worker_integration import conversation, end, finals_of, offline_scores, scores
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 
@@ -125,10 +125,9 @@ def test_a_silent_conversation_is_abandoned_with_its_summary(stack, worker):
 
 async def _produce_together(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
     """Queue every message before waiting for any ack: they reach the worker in one fetch (one batch)."""
-    from aiokafka import AIOKafkaProducer
+    from stream import kafka
 
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False, linger_ms=50,
-                         max_request_size=4 * 2**20)
+    p = kafka.producer(bootstrap, linger_ms=50, max_request_size=4 * 2**20)
     await p.start()
     try:
         futures = [await p.send(topic, value, key=key) for key, value in messages]

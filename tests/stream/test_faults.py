@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from model.artifact import load_artifact
-from stream.localstack import create_topics, start_redis, stop_process
+from stream.kafka import create_topics
+from stream.localstack import start_redis, stop_process
 from tests.stream.test_worker_integration import conversation, end, finals_of, interleave, offline_scores, scores
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 

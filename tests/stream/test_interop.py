@@ -18,7 +18,7 @@ import zlib
 
 import pytest
 
-from stream.localstack import create_topics
+from stream.kafka import create_topics
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 
 ck = pytest.importorskip("confluent_kafka", reason="confluent-kafka is in the dev extra (pip install -e '.[dev]')")

@@ -62,10 +62,10 @@ def test_topics_created_with_partition_count(stack: LocalStack):
 
 
 def test_produce_then_consume(stack: LocalStack):
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from stream import kafka
 
     async def roundtrip() -> list[tuple[bytes, bytes]]:
-        producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap)  # not idempotent: Tansu lacks it
+        producer = kafka.producer(stack.bootstrap)  # not idempotent: Tansu lacks it
         await producer.start()
         try:
             for i in range(3):
@@ -73,9 +73,8 @@ def test_produce_then_consume(stack: LocalStack):
         finally:
             await producer.stop()
         # A consumer group with short timeouts: the first join takes about half the session timeout.
-        consumer = AIOKafkaConsumer("ls-three", bootstrap_servers=stack.bootstrap,
-                                    group_id=f"ls-test-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
-                                    session_timeout_ms=2000, heartbeat_interval_ms=300, fetch_max_wait_ms=50)
+        consumer = kafka.consumer("ls-three", bootstrap=stack.bootstrap, group_id=f"ls-test-{uuid.uuid4().hex[:8]}",
+                                  session_timeout_ms=2000, heartbeat_interval_ms=300, fetch_max_wait_ms=50)
         await consumer.start()
         got = []
         try:

@@ -141,7 +141,7 @@ def test_replay_score_of_a_meld_slice_equals_evaluate(stack, tiny_artifact, tmp_
     from model.training.data import load_meld
     from model.training.evaluate import evaluate
     from stream.cli import main
-    from stream.localstack import create_topics
+    from stream.kafka import create_topics
     from tests.stream.worker_harness import WorkerProcess, run, unique_names, worker_env
 
     data = write_meld_csv(tmp_path / "slice.csv", SLICE)

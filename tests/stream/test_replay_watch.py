@@ -196,10 +196,9 @@ def test_event_line_shows_fields_but_no_text_unless_present():
 # ---- against the real local broker --------------------------------------------------------
 
 async def _consume_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0):
-    from aiokafka import AIOKafkaConsumer
+    from stream import kafka
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, fetch_max_wait_ms=100)
+    consumer = kafka.consumer(topic, bootstrap=bootstrap)
     await consumer.start()
     got = []
     try:
@@ -213,9 +212,9 @@ async def _consume_all(bootstrap: str, topic: str, expected: int, timeout_s: flo
 
 
 async def _produce(bootstrap: str, topic: str, events: list[dict]) -> None:
-    from aiokafka import AIOKafkaProducer
+    from stream import kafka
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    producer = kafka.producer(bootstrap)
     await producer.start()
     try:
         for e in events:

@@ -7,7 +7,10 @@ import sys
 
 import pytest
 
-from stream.localstack import create_topics, start_redis, stop_process
+from stream import kafka
+from stream.kafka import create_topics, faust_credentials, security_options
+
+from stream.localstack import start_redis, stop_process
 from stream.settings import Settings
 from tests.stream.test_worker_integration import conversation, end, finals_of
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
@@ -26,34 +29,42 @@ def test_settings_never_print_secrets(monkeypatch):
 
 
 def test_sasl_settings_build_faust_credentials():
-    creds = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
-                     kafka_sasl_username="monitor", kafka_sasl_password=SECRET).faust_credentials()
+    creds = faust_credentials(Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
+                     kafka_sasl_username="monitor", kafka_sasl_password=SECRET))
     assert creds.username == "monitor" and creds.mechanism.value == "SCRAM-SHA-512" and creds.ssl_context is not None
     with pytest.raises(ValueError, match="SASL_USERNAME"):
-        Settings(kafka_security_protocol="SASL_PLAINTEXT").faust_credentials()
-    assert Settings().faust_credentials() is None
+        faust_credentials(Settings(kafka_security_protocol="SASL_PLAINTEXT"))
+    assert faust_credentials(Settings()) is None
 
 
 def test_security_settings_reach_the_plain_kafka_clients_too():
-    """Topic creation at start-up, replay, watch and the dashboard use aiokafka directly: they get
-    the same protocol and credentials as the worker's faust app (aiokafka validates them here)."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    assert Settings().kafka_client_options() == {}
-    opts = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-256",
-                    kafka_sasl_username="monitor", kafka_sasl_password=SECRET).kafka_client_options()
+    """Topic creation at start-up, replay, watch, the dashboard and the tools build their clients in
+    stream.kafka: they get the same protocol and credentials as the worker's faust app (aiokafka
+    validates them when the factory builds each client)."""
+    assert security_options(Settings()) == {} and security_options(None) == {}
+    secure = Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-256",
+                      kafka_sasl_username="monitor", kafka_sasl_password=SECRET)
+    opts = security_options(secure)
     assert opts["security_protocol"] == "SASL_SSL" and opts["sasl_plain_password"] == SECRET and opts["ssl_context"]
 
     async def build():  # constructors only: nothing connects
-        AIOKafkaProducer(bootstrap_servers="localhost:1", **opts)
-        AIOKafkaConsumer("t", bootstrap_servers="localhost:1", **opts)
-        AIOKafkaAdminClient(bootstrap_servers="localhost:1", **opts)
+        return (kafka.producer("kafka://localhost:1", secure), kafka.consumer("t", bootstrap="localhost:1", settings=secure),
+                kafka.admin("localhost:1", secure))
 
-    run(build())
-    assert set(Settings(kafka_security_protocol="SSL").kafka_client_options()) == {"security_protocol", "ssl_context"}
+    producer, consumer, admin = run(build())
+    assert producer.client._security_protocol == "SASL_SSL" and producer.client._sasl_plain_password == SECRET
+    assert consumer._client._sasl_mechanism == "SCRAM-SHA-256" and consumer._client._ssl_context is not None
+    assert admin._client._security_protocol == "SASL_SSL"
+    assert producer.client._bootstrap_servers == "localhost:1"  # kafka:// stripped in one place
+    assert set(security_options(Settings(kafka_security_protocol="SSL"))) == {"security_protocol", "ssl_context"}
     with pytest.raises(ValueError, match="SASL_USERNAME"):
-        Settings(kafka_security_protocol="SASL_PLAINTEXT").kafka_client_options()
+        security_options(Settings(kafka_security_protocol="SASL_PLAINTEXT"))
+
+
+def test_bootstrap_servers_strip_the_faust_scheme():
+    assert kafka.bootstrap_servers("kafka://a:1, kafka://b:2") == "a:1,b:2"
+    assert kafka.bootstrap_servers(["kafka://a:1", "b:2", " "]) == "a:1,b:2"
+    assert kafka.bootstrap_servers("a:1") == "a:1"
 
 
 @pytest.mark.integration

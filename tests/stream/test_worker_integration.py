@@ -14,7 +14,7 @@ from model.dialogue import Dialogue, Utterance
 from model.offline import score_dialogues
 from model.encoders import load_tokenizer
 from stream.contract import validate_event
-from stream.localstack import create_topics
+from stream.kafka import create_topics
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 
 pytestmark = pytest.mark.integration

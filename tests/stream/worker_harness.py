@@ -10,8 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
+from stream import kafka
 from stream.localrun import LocalWorker, free_port
 
 
@@ -60,7 +59,7 @@ class WorkerProcess(LocalWorker):
 
 async def produce(bootstrap: str, topic: str, messages: list, pause_s: float = 0.0) -> None:
     """messages: dicts (sent as JSON, keyed by conversation_id) or (key, raw bytes) tuples."""
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    p = kafka.producer(bootstrap)
     await p.start()
     try:
         for m in messages:
@@ -78,7 +77,7 @@ async def produce(bootstrap: str, topic: str, messages: list, pause_s: float = 0
 
 async def collect(bootstrap: str, topic: str, until, timeout_s: float = 60.0) -> list[dict]:
     """Read `topic` from the earliest offset until `until(records)` holds or the timeout passes."""
-    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    c = kafka.consumer(topic, bootstrap=bootstrap, fetch_max_wait_ms=500)
     await c.start()
     got: list[dict] = []
     try:
