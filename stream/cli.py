@@ -9,12 +9,12 @@ import argparse
 import sys
 
 from model import cli as model_cli
-from stream.bench import add_bench
+from stream.tools.bench import add_bench
 from stream.dashboard import add_dashboard
-from stream.demo import add_demo
-from stream.replay import add_replay
-from stream.soak import add_soak
-from stream.watch import add_watch
+from stream.tools.demo import add_demo
+from stream.tools.replay import add_replay
+from stream.tools.soak import add_soak
+from stream.tools.watch import add_watch
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from tests.conftest import tiny_config
 @pytest.fixture(scope="session")
 def stack():
     """One real Tansu broker + one real redis-server for the whole test session."""
-    from stream.localstack import local_stack
+    from stream.tools.localstack import local_stack
 
     with local_stack({}) as st:
         yield st

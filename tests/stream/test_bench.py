@@ -60,7 +60,7 @@ def test_bench_with_two_workers_splits_the_cores_and_counts_both(tmp_path):
 
 def test_cpu_meter_counts_a_child_process_and_this_one():
     """The bench's CPU figures come from /proc: a child that burns ~0.3 s of CPU must show it."""
-    from stream.bench import CpuMeter, cpu_seconds
+    from stream.tools.bench import CpuMeter, cpu_seconds
 
     if cpu_seconds(1) is None:
         pytest.skip("no /proc here")
@@ -88,7 +88,7 @@ def test_path_rate_steps_the_stubbed_path_and_reports_its_stages():
     from model.modeling import EmotionSIModel
     from stream.alerts import load_rules
     from stream.logic import Conversation, StepConfig
-    from stream.pathbench import STAGES, default_step, path_rate, prepared_states
+    from stream.tools.pathbench import STAGES, default_step, path_rate, prepared_states
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.replay import SAMPLE, load_messages
+from stream.tools.replay import SAMPLE, load_messages
 from tests.stream.test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, DashboardThread, _free_port, sync_api
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 

@@ -201,7 +201,7 @@ def test_redis_refusing_writes_is_retried_not_dead_lettered(stack, tiny_artifact
 
     import redis
 
-    from stream.localstack import start_redis, stop_process
+    from stream.tools.localstack import start_redis, stop_process
     from tests.stream.test_faults import _check_same_as_offline
     from tests.stream.test_worker_integration import LINES, interleave
 
@@ -257,10 +257,10 @@ def test_a_read_only_replica_is_recognised_as_refusing_writes(tmp_path):
     """READONLY (a failover left the worker on a replica): a real redis-server under REPLICAOF."""
     import redis.asyncio as aioredis
 
-    from stream.localstack import start_redis, stop_process
+    from stream.tools.localstack import start_redis, stop_process
     from stream.logic import Conversation
     from stream.state_store import StateStore, StateWriteRefused
-    from stream.localrun import free_port
+    from stream.tools.localstack import free_port
 
     proc, port = start_redis(tmp_path / "redis")
 

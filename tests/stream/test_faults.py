@@ -14,7 +14,7 @@ import pytest
 
 from model.artifact import load_artifact
 from stream.kafka import create_topics
-from stream.localstack import start_redis, stop_process
+from stream.tools.localstack import start_redis, stop_process
 from tests.stream.test_worker_integration import conversation, end, finals_of, interleave, offline_scores, scores
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 
@@ -113,7 +113,7 @@ def test_second_worker_joins_mid_stream(stack, tiny_artifact, tmp_path):
 def test_broker_restart_worker_reconnects_and_resumes(stack, tiny_artifact, tmp_path):
     """The embedded broker keeps everything in memory: after a restart the topics are recreated
     empty. The worker must reconnect and go on with new traffic (its Redis state is intact)."""
-    from stream.localstack import start_broker
+    from stream.tools.localstack import start_broker
 
     broker, port = start_broker(tmp_path / "broker")
     bootstrap = f"127.0.0.1:{port}"

@@ -1,10 +1,10 @@
-"""stream.gpucheck's device-agnostic parts on the CPU (the script itself needs CUDA; see deploy/gpu-check.sh)."""
+"""stream.tools.gpucheck's device-agnostic parts on the CPU (the script itself needs CUDA; see deploy/gpu-check.sh)."""
 
 from __future__ import annotations
 
 import torch
 
-from stream.gpucheck import path_vs_encoder, stubbed_path
+from stream.tools.gpucheck import path_vs_encoder, stubbed_path
 from model.modeling import EmotionSIModel
 from tests.conftest import tiny_config
 

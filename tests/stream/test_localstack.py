@@ -1,4 +1,4 @@
-"""stream.localstack against the real processes: Tansu broker + redis-server (no mocks)."""
+"""stream.tools.localstack against the real processes: Tansu broker + redis-server (no mocks)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from stream.localstack import (
+from stream.tools.localstack import (
     LocalStack,
     local_stack,
     start_redis,

@@ -1,4 +1,4 @@
-"""`replay --score` / `demo --score`: the pure scoring (stream/scoring.py), the labelled replay
+"""`replay --score` / `demo --score`: the pure scoring (stream/tools/scoring.py), the labelled replay
 formats, and the replayed score against `evaluate` through a real worker."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from sklearn.metrics import f1_score
 
 from model.training.data import MELD_LABELS, default_data_dir
 from model.training.evaluate import metrics_from_probs
-from stream.replay import _load_labelled, _with_ends, load_gold, load_messages
-from stream.scoring import REPORT_KEYS, SentUtterance, score_replay
+from stream.tools.replay import _load_labelled, _with_ends, load_gold, load_messages
+from stream.tools.scoring import REPORT_KEYS, SentUtterance, score_replay
 from tests.conftest import write_emorynlp_json, write_meld_csv
 
 LABELS = list(MELD_LABELS)

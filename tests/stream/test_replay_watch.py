@@ -1,4 +1,4 @@
-"""stream.replay, stream.watch and the JSON Schemas in stream/schemas/.
+"""stream.tools.replay, stream.tools.watch and the JSON Schemas in stream/schemas/.
 
 Unit tests need no broker; the integration tests run against the real local broker (Tansu).
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from stream import replay as replay_mod
+from stream.tools import replay as replay_mod
 from stream.contract import SCHEMAS, load_schema, validate_event
-from stream.replay import SAMPLE, load_messages
+from stream.tools.replay import SAMPLE, load_messages
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -181,7 +181,7 @@ def _render(text) -> str:
 
 
 def test_event_line_shows_fields_but_no_text_unless_present():
-    from stream.watch import format_event
+    from stream.tools.watch import format_event
 
     line = _render(format_event(fake_event(seq=12, status="revised")))
     for part in ("call-1", "12", "customer-1 (customer)", "revised", "anger", "0.70", "20 ms"):
@@ -225,14 +225,14 @@ async def _produce(bootstrap: str, topic: str, events: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def broker():
-    localstack = pytest.importorskip("stream.localstack")
+    localstack = pytest.importorskip("stream.tools.localstack")
     with localstack.local_stack(topics={"replay-it": 3, "watch-it": 2}) as stack:
         yield stack
 
 
 @pytest.mark.integration
 def test_replay_bundled_sample_round_trip(broker):
-    from stream.replay import replay
+    from stream.tools.replay import replay
 
     stats = asyncio.run(replay(SAMPLE, broker.bootstrap, topic="replay-it", progress=False))
     sent = load_messages(SAMPLE)
@@ -252,7 +252,7 @@ def test_replay_bundled_sample_round_trip(broker):
 def test_watch_shows_produced_events_and_stops_at_max_events(broker):
     from rich.console import Console
 
-    from stream.watch import watch
+    from stream.tools.watch import watch
 
     events = [fake_event("call-a", 0, "provisional"), fake_event("call-a", 0, "final"), fake_event("call-b", 0, "final")]
     for e in events:

@@ -10,7 +10,7 @@ import pytest
 from stream import kafka
 from stream.kafka import create_topics, faust_credentials, security_options
 
-from stream.localstack import start_redis, stop_process
+from stream.tools.localstack import start_redis, stop_process
 from stream.settings import Settings
 from tests.stream.test_worker_integration import conversation, end, finals_of
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env

@@ -11,7 +11,8 @@ import uuid
 from pathlib import Path
 
 from stream import kafka
-from stream.localrun import LocalWorker, free_port
+from stream.tools.localrun import LocalWorker
+from stream.tools.localstack import free_port
 
 
 def worker_env(stack, model_path: Path, names: dict[str, str], **extra) -> dict[str, str]:

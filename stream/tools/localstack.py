@@ -12,7 +12,7 @@ Both listen on free loopback ports, count as ready only once they truly answer *
 started* (another server on a reused port must not fool us), log to files in the work folder, run in
 their own process groups and are stopped by PID (atexit too, so nothing is orphaned).
 
-    python -m stream.localstack --topic utterances:4 --topic emotions:4
+    python -m stream.tools.localstack --topic utterances:4 --topic emotions:4
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 PORT_ATTEMPTS = 5
 
-# Every process we started and have not stopped yet; the atexit handler stops them.
+# Every process we started and have not stopped yet; the atexit handler, registered with the first
+# one (importing this module has no side effect), stops them.
 _live: set[subprocess.Popen] = set()
 _live_lock = threading.Lock()
 
@@ -94,7 +95,7 @@ def redis_server_binary() -> str:
 # process helpers
 # ---------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
     # Racy by nature (someone may take it before the server binds): callers verify and retry.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -125,6 +126,9 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
                                 start_new_session=True,  # own process group: killpg reaches it all
                                 preexec_fn=preexec)  # noqa: PLW1509 (main thread only, see above)
     with _live_lock:
+        if not _live:
+            atexit.unregister(_stop_all)  # registered once, however often the set empties
+            atexit.register(_stop_all)
         _live.add(proc)
     return proc
 
@@ -147,7 +151,6 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = STOP_TIMEOUT_S)
             continue
 
 
-@atexit.register
 def _stop_all() -> None:
     with _live_lock:
         procs = list(_live)
@@ -207,7 +210,7 @@ def start_broker(workdir: Path | str, port: int | None = None) -> tuple[subproce
     binary = tansu_binary()
     fixed = port
     for _ in range(1 if fixed else PORT_ATTEMPTS):
-        port = fixed or _free_port()
+        port = fixed or free_port()
         url = f"tcp://127.0.0.1:{port}"
         # A unique cluster id lets the readiness check tell our broker from one that already
         # held the port: Tansu panics on "address in use" but still exits 0, and for a few ms
@@ -271,7 +274,7 @@ def start_redis(workdir: Path | str, password: str | None = None, appendonly: bo
     binary = redis_server_binary()
     attempts = 1 if port is not None else PORT_ATTEMPTS  # a fixed port cannot be retried elsewhere
     for _ in range(attempts):
-        p = port if port is not None else _free_port()
+        p = port if port is not None else free_port()
         argv = [binary, "--port", str(p), "--bind", "127.0.0.1",
                 "--save", "",  # no RDB snapshots: state is throwaway unless appendonly is asked
                 "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
@@ -362,7 +365,7 @@ def local_stack(topics: dict[str, int] | None = None, workdir: Path | None = Non
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m stream.localstack
+# python -m stream.tools.localstack
 # ---------------------------------------------------------------------------------------------
 
 def _topic_arg(text: str) -> tuple[str, int]:
@@ -378,7 +381,7 @@ def _topic_arg(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m stream.localstack",
+        prog="python -m stream.tools.localstack",
         description="Run a local Tansu broker and redis-server in the foreground until Ctrl-C.")
     ap.add_argument("--topic", action="append", type=_topic_arg, default=[], metavar="NAME[:PARTITIONS]",
                     help="topic to create (repeatable; default 1 partition)")

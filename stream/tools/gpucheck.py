@@ -1,6 +1,6 @@
 """GPU check: backend equivalence against eager float32, and throughput for batch sizes 1-256.
 
-    python -m stream.gpucheck [--model DIR] [--json]
+    python -m stream.tools.gpucheck [--model DIR] [--json]
 
 Prints a table (backend x batch size -> encoder ms per batch and utterances/s, then the whole
 model path a worker batch takes: tokenise + encode + one streaming step of B conversations) and
@@ -8,7 +8,7 @@ the largest absolute difference of each backend's utterance vectors and emotion 
 from eager float32. TensorRT rows appear where
 torch-tensorrt is installed; elsewhere they are skipped with a message.
 
-Then the step path with the encoder stubbed out (`stream/pathbench.py`: state decode, window
+Then the step path with the encoder stubbed out (`stream/tools/pathbench.py`: state decode, window
 assembly, GRU/attention step, events and alert rules, state encode, on precomputed random
 utterance vectors) for batches of 64 and 256 conversations: `path_utt_per_s_b64`,
 `path_utt_per_s_b256`, and `path_vs_encoder_b256` = that rate over the encoder's own rate at
@@ -90,7 +90,7 @@ def stubbed_path(model, batches=PATH_BATCHES, seconds: float = 2.0, model_id: st
     per batch size {utt_per_s, ms_per_batch, stages_ms}. The shipped alert rules are on when they
     fit the model's labels (as in the worker), off otherwise."""
     from stream.alerts import check_labels, load_rules
-    from stream.pathbench import path_rate
+    from stream.tools.pathbench import path_rate
 
     labels = model.cfg.emotion_labels
     try:
@@ -121,7 +121,7 @@ def _note(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stream.gpucheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m stream.tools.gpucheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld")
     p.add_argument("--json", action="store_true")
     p.add_argument("--path-seconds", type=float, default=2.0, help="seconds per stubbed-path batch size (default 2)")

@@ -17,7 +17,7 @@ is counted in `lost`, not as a wrong answer. The prediction is the argmax of the
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class SentUtterance:
     conversation_id: str
     seq: int
     ts: float
-    label: str | None = None
+    gold_label: str | None = None
 
 
 def f1_percent(gold: Sequence[int], pred: Sequence[int], n_labels: int, average: str) -> float | None:
@@ -56,64 +56,78 @@ def _argmax(scores: dict, labels: Sequence[str]) -> int:
     return int(np.argmax([float(scores.get(lab, float("-inf"))) for lab in labels]))
 
 
+@dataclass
+class _FirstEvents:
+    """Per utterance of this replay, the first provisional and the first final received (with the
+    time read), and what did not count."""
+
+    provisional: dict[tuple[str, int], tuple[float, dict]] = field(default_factory=dict)
+    final: dict[tuple[str, int], tuple[float, dict]] = field(default_factory=dict)
+    final_ids: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    duplicate_final_ids: int = 0
+    ignored: int = 0
+    labels: list[str] | None = None
+
+
+def _first_events(by_key: dict[tuple[str, int], SentUtterance], received: Iterable[tuple[float, dict]],
+                  labels: Sequence[str] | None) -> _FirstEvents:
+    out = _FirstEvents(labels=list(labels) if labels is not None else None)
+    seen_final_ids: set[str] = set()
+    for t_recv, ev in received:
+        key = (ev.get("conversation_id"), ev.get("seq"))
+        s = by_key.get(key)
+        ts = ev.get("ts_produced")
+        if s is None or not isinstance(ts, (int, float)) or abs(ts - s.ts) > TS_TOLERANCE_S:
+            out.ignored += 1  # another run's event, or a conversation this replay did not send
+            continue
+        if out.labels is None and isinstance(ev.get("scores"), dict):
+            out.labels = list(ev["scores"])
+        status = ev.get("status")
+        if status == "provisional":
+            out.provisional.setdefault(key, (t_recv, ev))
+        elif status == "final":
+            eid = ev.get("event_id")
+            if eid in seen_final_ids:
+                out.duplicate_final_ids += 1  # a redelivered final: consumers de-duplicate on event_id
+            seen_final_ids.add(eid)
+            out.final_ids.setdefault(key, set()).add(eid)
+            out.final.setdefault(key, (t_recv, ev))
+    return out
+
+
+def _f1s(first: dict, by_key: dict, labels: list[str]) -> tuple[float | None, float | None, int]:
+    """(weighted-F1, macro-F1, utterances scored) of the events in `first` against the gold labels."""
+    index = {lab.lower(): i for i, lab in enumerate(labels)}
+    gold, pred = [], []
+    for key, (_, ev) in first.items():
+        s = by_key[key]
+        if s.gold_label is None or s.gold_label.lower() not in index or not isinstance(ev.get("scores"), dict):
+            continue
+        gold.append(index[s.gold_label.lower()])
+        pred.append(_argmax(ev["scores"], labels))
+    return f1_percent(gold, pred, len(labels), "weighted"), f1_percent(gold, pred, len(labels), "macro"), len(gold)
+
+
 def score_replay(sent: Iterable[SentUtterance], received: Iterable[tuple[float, dict]],
                  labels: Sequence[str] | None = None) -> dict:
     """The report (keys REPORT_KEYS plus details). `labels`: the model's label order; default: the
     key order of the first event's `scores` (the worker writes them in the model's order)."""
     sent = list(sent)
     by_key = {(s.conversation_id, s.seq): s for s in sent}
-    first_prov: dict[tuple[str, int], tuple[float, dict]] = {}
-    first_final: dict[tuple[str, int], tuple[float, dict]] = {}
-    final_ids_seen: set[str] = set()
-    final_ids_per_utt: dict[tuple[str, int], set[str]] = {}
-    duplicate_final_ids = ignored = 0
-    for t_recv, ev in received:
-        key = (ev.get("conversation_id"), ev.get("seq"))
-        s = by_key.get(key)
-        ts = ev.get("ts_produced")
-        if s is None or not isinstance(ts, (int, float)) or abs(ts - s.ts) > TS_TOLERANCE_S:
-            ignored += 1  # another run's event, or a conversation this replay did not send
-            continue
-        if labels is None and isinstance(ev.get("scores"), dict):
-            labels = list(ev["scores"])
-        status = ev.get("status")
-        if status == "provisional":
-            first_prov.setdefault(key, (t_recv, ev))
-        elif status == "final":
-            eid = ev.get("event_id")
-            if eid in final_ids_seen:
-                duplicate_final_ids += 1  # a redelivered final: consumers de-duplicate on event_id
-            final_ids_seen.add(eid)
-            final_ids_per_utt.setdefault(key, set()).add(eid)
-            first_final.setdefault(key, (t_recv, ev))
-
-    labels = list(labels or [])
-    index = {lab.lower(): i for i, lab in enumerate(labels)}
-    gold_unknown = sorted({s.label for s in sent if s.label is not None and s.label.lower() not in index})
-
-    def f1s(first: dict) -> tuple[float | None, float | None, int]:
-        gold, pred = [], []
-        for key, (_, ev) in first.items():
-            s = by_key[key]
-            if s.label is None or s.label.lower() not in index or not isinstance(ev.get("scores"), dict):
-                continue
-            gold.append(index[s.label.lower()])
-            pred.append(_argmax(ev["scores"], labels))
-        return (f1_percent(gold, pred, len(labels), "weighted"), f1_percent(gold, pred, len(labels), "macro"), len(gold))
-
-    wf1_final, mf1_final, n_final = f1s(first_final)
-    wf1_prov, mf1_prov, n_prov = f1s(first_prov)
-    both = [k for k in first_final if k in first_prov]
-    changed = sum(first_prov[k][1].get("emotion") != first_final[k][1].get("emotion") for k in both)
-    lat_prov = [(t - by_key[k].ts) * 1000.0 for k, (t, _) in first_prov.items()]
-    lat_final = [(t - by_key[k].ts) * 1000.0 for k, (t, _) in first_final.items()]
-    p50p, p99p = _percentiles(lat_prov)
-    p50f, p99f = _percentiles(lat_final)
+    first = _first_events(by_key, received, labels)
+    labels = first.labels or []
+    known = {lab.lower() for lab in labels}
+    wf1_final, mf1_final, n_final = _f1s(first.final, by_key, labels)
+    wf1_prov, mf1_prov, n_prov = _f1s(first.provisional, by_key, labels)
+    both = [k for k in first.final if k in first.provisional]
+    changed = sum(first.provisional[k][1].get("emotion") != first.final[k][1].get("emotion") for k in both)
+    p50p, p99p = _percentiles([(t - by_key[k].ts) * 1000.0 for k, (t, _) in first.provisional.items()])
+    p50f, p99f = _percentiles([(t - by_key[k].ts) * 1000.0 for k, (t, _) in first.final.items()])
     return {
         "sent": len(sent),
-        "finals": len(first_final),
-        "lost": len(by_key.keys() - first_final.keys()),
-        "duplicate_final_ids": duplicate_final_ids,
+        "finals": len(first.final),
+        "lost": len(by_key.keys() - first.final.keys()),
+        "duplicate_final_ids": first.duplicate_final_ids,
         "weighted_f1_final": wf1_final,
         "weighted_f1_provisional": wf1_prov,
         "macro_f1_final": mf1_final,
@@ -124,13 +138,14 @@ def score_replay(sent: Iterable[SentUtterance], received: Iterable[tuple[float, 
         "latency_final_p99_ms": p99f,
         # details
         "macro_f1_provisional": mf1_prov,
-        "provisionals": len(first_prov),
-        "labelled": sum(s.label is not None for s in sent),
+        "provisionals": len(first.provisional),
+        "labelled": sum(s.gold_label is not None for s in sent),
         "scored_final": n_final,
         "scored_provisional": n_prov,
-        "gold_not_in_model_labels": gold_unknown,
-        "several_final_ids": sum(len(ids) > 1 for ids in final_ids_per_utt.values()),
-        "ignored_events": ignored,
+        "gold_not_in_model_labels": sorted({s.gold_label for s in sent
+                                            if s.gold_label is not None and s.gold_label.lower() not in known}),
+        "several_final_ids": sum(len(ids) > 1 for ids in first.final_ids.values()),
+        "ignored_events": first.ignored,
         "labels": labels,
     }
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from stream import kafka
+from stream.settings import Settings
+from stream.tools.localstack import free_port
 
 
 def local_worker_env(stack, **settings) -> dict[str, str]:
@@ -35,11 +33,19 @@ def local_worker_env(stack, **settings) -> dict[str, str]:
     return env
 
 
+def local_topics(settings: Settings) -> dict[str, int]:
+    """The topics a local run creates: the monitor's, the dead letters in one partition."""
+    return kafka.monitor_topics(settings) | {settings.dlq_topic: 1}
+
+
 class LocalWorker:
-    def __init__(self, env: dict[str, str], log: Path):
+    """A worker process (or another faust app of the project: `module`) in its own process group,
+    logging to `log`."""
+
+    def __init__(self, env: dict[str, str], log: Path, module: Sequence[str] = ("stream.cli", "worker")):
         self.log = log
         self.web_port = int(env["EMOTION_MONITOR_WEB_PORT"])
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", *module], env=env,
                                      stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def check(self) -> None:
@@ -56,15 +62,22 @@ class LocalWorker:
                 self.proc.wait(5)
 
 
-async def wait_until_ready(bootstrap: str, utterances_topic: str, consumer, worker: LocalWorker, timeout_s: float = 120) -> None:
+async def wait_until_ready(bootstrap: str, utterances_topic: str, consumer, worker: LocalWorker, timeout_s: float = 120,
+                           emotions_topic: str = "emotions") -> None:
     """Ready = a warm-up utterance went all the way through (model loaded, partitions assigned).
 
-    `consumer` is an started AIOKafkaConsumer on the emotions topic; events it reads here are dropped.
+    `consumer` is a started consumer of the emotions topic (events it reads here are dropped), or
+    None: then a consumer of `emotions_topic` is opened for the wait alone.
     """
-    from stream.kafka import producer as kafka_producer
-
+    if consumer is None:
+        probe = kafka.consumer(emotions_topic, bootstrap=bootstrap, fetch_max_wait_ms=50)
+        await probe.start()
+        try:
+            return await wait_until_ready(bootstrap, utterances_topic, probe, worker, timeout_s)
+        finally:
+            await probe.stop()
     cid = f"warmup-{uuid.uuid4().hex[:8]}"
-    producer = kafka_producer(bootstrap)
+    producer = kafka.producer(bootstrap)
     await producer.start()
     try:
         msg = {"conversation_id": cid, "seq": 0, "speaker": "warmup", "text": "Hello, is this thing on?", "ts": time.time()}

@@ -8,14 +8,14 @@ Figures (same utterances, same model, same machine, one run, since this machine 
   step_ms_ratio_long_short per-utterance cost (state load + step + events + alert rules + state save,
                            encoder excluded) at position 200 of a conversation over position 5,
                            the two positions timed alternately
-  passthrough_core_ms_per_msg   CPU per message of a passthrough faust worker (stream/passthrough.py:
+  passthrough_core_ms_per_msg   CPU per message of a passthrough faust worker (stream/tools/passthrough.py:
                            same settings and micro-batching, validation, one event of a real event's
                            size per utterance; no model, no Redis) under the same load: the floor
   passthrough_msg_per_s    its sustained rate (first produce -> last event received)
   worker_overhead_core_ms_per_utt  the worker's CPU per utterance minus the bare encoder's
   overhead_vs_passthrough  worker_overhead_core_ms_per_utt / passthrough_core_ms_per_msg
   path_utt_per_s_b64 / _b256  the step path with the encoder stubbed out (state decode, logic and
-                           model step, events and alert rules, state encode; stream/pathbench.py),
+                           model step, events and alert rules, state encode; stream/tools/pathbench.py),
                            one utterance each for 64 / 256 conversations, in this process
 Before the JSON line it prints where the CPU went during the sustained phase (core-ms per
 utterance for the worker, the broker, Redis and the bench's own load generator and consumer,
@@ -30,8 +30,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -39,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stream.localrun import LocalWorker
-from stream.replay import SAMPLE, load_messages
 from stream.settings import Settings
+from stream.tools.load import interleaved_calls, produce, sample_texts
+from stream.tools.localrun import LocalWorker
 
 
 def add_bench(sub) -> None:
@@ -56,25 +54,6 @@ def add_bench(sub) -> None:
                    help="worker processes in one consumer group for the pipeline phase (default 1); with more than one, "
                         "each gets cores / workers model threads unless EMOTION_MONITOR_TORCH_THREADS says otherwise")
     p.set_defaults(func=run_bench)
-
-
-def _texts() -> list[str]:
-    return [m["text"] for m in load_messages(SAMPLE) if m.get("type", "utterance") == "utterance"]
-
-
-def _load(n_conv: int, n_utts: int, seed: int = 7) -> list[dict]:
-    """n_utts utterances over n_conv conversations, interleaved round-robin, texts from the sample."""
-    rng = random.Random(seed)
-    texts = _texts()
-    tag = uuid.uuid4().hex[:6]
-    per = -(-n_utts // n_conv)
-    out = []
-    for i in range(per):
-        for c in range(n_conv):
-            if len(out) < n_utts:
-                out.append({"conversation_id": f"bench-{tag}-{c}", "seq": i, "speaker": f"s{c}-{i % 2}",
-                            "role": "customer" if i % 2 == 0 else "agent", "text": rng.choice(texts)})
-    return out
 
 
 # ---- where the CPU goes -------------------------------------------------------------------
@@ -118,7 +97,7 @@ class CpuMeter:
 # ---- in-process phases -------------------------------------------------------------------
 def encoder_rate(scorer, seconds: float, batch: int) -> tuple[float, float | None]:
     """(utterances per second, CPU core-ms per utterance) of the bare encoder."""
-    texts = _texts()
+    texts = sample_texts()
     scorer.encode(texts[:batch])  # warm-up
     n, t0, cpu0 = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - t0 < seconds:
@@ -138,7 +117,7 @@ def step_cost_ratio(scorer, rules_path: str | None = None, repeats: int = 60) ->
 
     cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, False, load_rules(rules_path, scorer.labels))
     roles = ("customer", "agent")
-    dim = scorer.model.encoder.dim
+    dim = scorer.encode([]).shape[1]  # the utterance vector's size
     rng = np.random.default_rng(0)
     conv: Conversation | None = None
     snapshots: dict[int, bytes] = {}
@@ -161,60 +140,34 @@ def step_cost_ratio(scorer, rules_path: str | None = None, repeats: int = 60) ->
 
 
 async def naive_rate(scorer, bootstrap: str, n: int, n_conv: int) -> float:
-    """What people write first: consume, score each message alone, produce, next."""
-    import torch
-
+    """What people write first: consume, score each message alone, produce, next. Each message is
+    encoded in a batch of one and stepped from a fresh dialogue state (a window of one, no context)."""
+    from model.streaming import DialogueState
     from stream import kafka
 
     src, dst = f"naive-in-{uuid.uuid4().hex[:6]}", f"naive-out-{uuid.uuid4().hex[:6]}"
     await kafka.create_topics(bootstrap, {src: 4, dst: 4})
-    await _produce(bootstrap, src, _load(n_conv, n))
-    model = scorer.model
+    await produce(bootstrap, src, interleaved_calls(n_conv, n))
     consumer = kafka.consumer(src, bootstrap=bootstrap, fetch_max_wait_ms=10)
     producer = kafka.producer(bootstrap)
     await consumer.start()
     await producer.start()
     done, t0 = 0, None
     try:
-        while done < n:
-            async for rec in consumer:
-                t0 = t0 or time.perf_counter()
-                msg = json.loads(rec.value)
-                vec = torch.as_tensor(scorer.encode([msg["text"]]))  # (1, D): batch of one
-                with torch.inference_mode():
-                    u = vec.unsqueeze(1)  # (1, 1, D): a window of one, no context
-                    parties = torch.zeros(1, 1, dtype=torch.long)
-                    fwd = model.forward_states(u, parties)
-                    logits, _ = model.score_windows(u, parties, fwd, torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
-                probs = torch.softmax(logits, -1)[0].tolist()
-                event = {"conversation_id": msg["conversation_id"], "seq": msg["seq"], "scores": dict(zip(scorer.labels, probs))}
-                await producer.send_and_wait(dst, json.dumps(event).encode(), key=rec.key)
-                done += 1
-                if done >= n:
-                    break
+        async for rec in consumer:
+            t0 = t0 or time.perf_counter()
+            msg = json.loads(rec.value)
+            _, scored = scorer.step([DialogueState()], scorer.encode([msg["text"]]), [msg["speaker"]])
+            event = {"conversation_id": msg["conversation_id"], "seq": msg["seq"],
+                     "scores": dict(zip(scorer.labels, scored[0][0].probs.tolist()))}
+            await producer.send_and_wait(dst, json.dumps(event).encode(), key=rec.key)
+            done += 1
+            if done >= n:
+                break
     finally:
         await consumer.stop()
         await producer.stop()
     return n / (time.perf_counter() - t0)
-
-
-async def _produce(bootstrap: str, topic: str, messages: list[dict], rate: float | None = None) -> None:
-    from stream import kafka
-
-    producer = kafka.producer(bootstrap, linger_ms=2)
-    await producer.start()
-    try:
-        futs, t0 = [], time.perf_counter()
-        for i, m in enumerate(messages):
-            if rate:
-                delay = t0 + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            m = {**m, "ts": time.time()}
-            futs.append(await producer.send(topic, json.dumps(m).encode(), key=m["conversation_id"].encode()))
-        await asyncio.gather(*futs)
-    finally:
-        await producer.stop()
 
 
 async def _await_provisional(consumer, ids: set[tuple[str, int]], timeout_s: float) -> dict[tuple[str, int], float]:
@@ -236,7 +189,7 @@ async def _await_provisional(consumer, ids: set[tuple[str, int]], timeout_s: flo
 async def pipeline_phase(settings: Settings, stack, workers, n_conv: int, sustained_n: int, latency_seconds: float,
                          progress) -> tuple[float, list[float], dict[str, float]]:
     from stream import kafka
-    from stream.localrun import wait_until_ready
+    from stream.tools.localrun import wait_until_ready
 
     consumer = kafka.consumer(settings.emotions_topic, bootstrap=stack.bootstrap, fetch_max_wait_ms=10)
     await consumer.start()
@@ -244,14 +197,14 @@ async def pipeline_phase(settings: Settings, stack, workers, n_conv: int, sustai
         worker = workers[0]
         await wait_until_ready(stack.bootstrap, settings.utterances_topic, consumer, worker)
         progress("pipeline: sustained load")
-        load = _load(n_conv, sustained_n)
+        load = interleaved_calls(n_conv, sustained_n)
         ids = {(m["conversation_id"], m["seq"]) for m in load}
         names = ["worker"] if len(workers) == 1 else [f"worker {k + 1}" for k in range(len(workers))]
         meter = CpuMeter({**{n: w.proc.pid for n, w in zip(names, workers)}, "broker": stack.broker_pid,
                           "redis": stack.redis_pid, "load generator and event consumer": None})
         meter.start()
         t0 = time.time()
-        sender = asyncio.create_task(_produce(stack.bootstrap, settings.utterances_topic, load))
+        sender = asyncio.create_task(produce(stack.bootstrap, settings.utterances_topic, load))
         got = await _await_provisional(consumer, ids, timeout_s=600)
         await sender
         cpu = meter.stop(len(ids))
@@ -260,9 +213,9 @@ async def pipeline_phase(settings: Settings, stack, workers, n_conv: int, sustai
         elapsed = max(t0 + lat for lat in got.values()) - t0  # first produce -> last provisional received
         rate = len(ids) / elapsed
         progress(f"pipeline: {rate:.0f} utt/s; latency at {rate / 2:.0f} utt/s")
-        lat_load = _load(n_conv, max(50, int(rate / 2 * latency_seconds)), seed=11)
+        lat_load = interleaved_calls(n_conv, max(50, int(rate / 2 * latency_seconds)), seed=11)
         ids = {(m["conversation_id"], m["seq"]) for m in lat_load}
-        sender = asyncio.create_task(_produce(stack.bootstrap, settings.utterances_topic, lat_load, rate=rate / 2))
+        sender = asyncio.create_task(produce(stack.bootstrap, settings.utterances_topic, lat_load, rate=rate / 2))
         got = await _await_provisional(consumer, ids, timeout_s=latency_seconds * 4 + 60)
         await sender
         return rate, [v * 1000 for v in got.values()], cpu
@@ -273,7 +226,7 @@ async def pipeline_phase(settings: Settings, stack, workers, n_conv: int, sustai
 def passthrough_env(stack, tag: str, **settings) -> dict[str, str]:
     """The worker's environment (same settings, same group timeouts) with the passthrough's own
     consumer group and topics, so it never reads the worker's input or writes its output."""
-    from stream.localrun import local_worker_env
+    from stream.tools.localrun import local_worker_env
 
     return local_worker_env(stack, app_id=f"passthrough-{tag}", utterances_topic=f"passthrough-in-{tag}",
                             emotions_topic=f"passthrough-out-{tag}", **settings)
@@ -283,25 +236,25 @@ async def passthrough_phase(stack, n_conv: int, n: int, progress, workdir: Path)
     """(messages per second, passthrough worker core-ms per message) under the sustained load's
     shape: n utterances over n_conv conversations, produced as fast as the producer goes."""
     from stream import kafka
-    from stream.localrun import wait_until_ready
+    from stream.tools.localrun import wait_until_ready
 
     tag = uuid.uuid4().hex[:6]
     env = passthrough_env(stack, tag)
     src, dst = env["EMOTION_MONITOR_UTTERANCES_TOPIC"], env["EMOTION_MONITOR_EMOTIONS_TOPIC"]
     partitions = Settings().partitions
     await kafka.create_topics(stack.bootstrap, {src: partitions, dst: partitions})
-    proc = PassthroughProcess(env, workdir / "passthrough.log")
+    proc = LocalWorker(env, workdir / "passthrough.log", module=("stream.tools.passthrough",))
     consumer = kafka.consumer(dst, bootstrap=stack.bootstrap, fetch_max_wait_ms=10)
     await consumer.start()
     try:
         await wait_until_ready(stack.bootstrap, src, consumer, proc)
         progress("passthrough: sustained load")
-        load = _load(n_conv, n, seed=13)
+        load = interleaved_calls(n_conv, n, seed=13)
         ids = {(m["conversation_id"], m["seq"]) for m in load}
         meter = CpuMeter({"passthrough": proc.proc.pid})
         meter.start()
         t0 = time.time()
-        sender = asyncio.create_task(_produce(stack.bootstrap, src, load))
+        sender = asyncio.create_task(produce(stack.bootstrap, src, load))
         got = await _await_provisional(consumer, ids, timeout_s=300)
         await sender
         cpu = meter.stop(len(ids))
@@ -314,21 +267,11 @@ async def passthrough_phase(stack, n_conv: int, n: int, progress, workdir: Path)
         proc.stop()
 
 
-class PassthroughProcess(LocalWorker):
-    """`python -m stream.passthrough` on the local stack, handled like a LocalWorker (check, stop, log)."""
-
-    def __init__(self, env: dict[str, str], log: Path):
-        self.log = log
-        self.web_port = int(env["EMOTION_MONITOR_WEB_PORT"])
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream.passthrough"], env=env, stdout=open(log, "wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def path_rates(scorer, rules_path, batches=(64, 256), seconds: float = 1.0) -> dict:
-    """The step path's rate with the encoder stubbed out (stream/pathbench.py), per batch size,
+    """The step path's rate with the encoder stubbed out (stream/tools/pathbench.py), per batch size,
     with the worker's own model step (scorer.step) and alert rules."""
     from stream.alerts import load_rules
-    from stream.pathbench import path_rate
+    from stream.tools.pathbench import path_rate
 
     rules = load_rules(rules_path, scorer.labels)
     return {b: path_rate(scorer.model, b, labels=scorer.labels, model_id=scorer.model_id, rules=rules,
@@ -343,9 +286,6 @@ async def _bench(args) -> int:
     from rich.console import Console
 
     from model.scorer import Scorer
-    from stream.localrun import local_worker_env, wait_all_assigned
-    from stream.pathbench import format_stages
-    from stream.localstack import local_stack
 
     console = Console(stderr=True)
 
@@ -360,15 +300,32 @@ async def _bench(args) -> int:
                     settings.max_batch_tokens)
     progress(f"model {scorer.model_id} on {scorer.device}, encoder backend {scorer.backend}")
     phase = max(2.0, args.duration / 4)
+    m = in_process_figures(scorer, settings, phase, progress)
+    m.update(await local_stack_figures(args, settings, scorer, phase, m["enc"], progress))
+    print_figures(m, args.workers, args.conversations, settings.max_batch)
+    if args.json:
+        print(json.dumps(bench_result(m, scorer)))
+    return 0
+
+
+def in_process_figures(scorer, settings: Settings, phase: float, progress) -> dict:
+    """The phases without a broker: the bare encoder, the step cost by position, the step path."""
     progress(f"encoder in batches of {settings.max_batch} for {phase:.0f} s")
     enc, enc_cpu = encoder_rate(scorer, phase, settings.max_batch)
     progress(f"encoder: {enc:.0f} utt/s; per-utterance cost at positions 5 and 200")
     short_ms, long_ms = step_cost_ratio(scorer, settings.rules_path)
     progress("step path with the encoder stubbed out, batches of 64 and 256")
     paths = path_rates(scorer, settings.rules_path, (64, 256), seconds=max(1.0, phase / 2))
+    return {"enc": enc, "enc_cpu": enc_cpu, "short_ms": short_ms, "long_ms": long_ms, "paths": paths}
+
+
+async def local_stack_figures(args, settings: Settings, scorer, phase: float, enc: float, progress) -> dict:
+    """The phases through the local broker: the workers' pipeline, the passthrough, the naive consumer."""
+    from stream.tools.localrun import local_topics, local_worker_env, wait_all_assigned
+    from stream.tools.localstack import local_stack
+
     workdir = Path(tempfile.mkdtemp(prefix="emotion-monitor-bench-"))
-    topics = {settings.utterances_topic: settings.partitions, settings.emotions_topic: settings.partitions, settings.dlq_topic: 1}
-    with local_stack(topics, workdir=workdir) as stack:
+    with local_stack(local_topics(settings), workdir=workdir) as stack:
         # Several workers: one model thread pool per process, the cores split between them (Python
         # runs one thread at a time per process, so a second process keeps a core busy while the
         # first is in its event loop).
@@ -389,39 +346,47 @@ async def _bench(args) -> int:
         pt_rate, pt_cpu = await passthrough_phase(stack, args.conversations, sustained_n, progress, workdir)
         progress("naive consumer")
         naive = await naive_rate(scorer, stack.bootstrap, max(100, int(pipe * phase / 4)), args.conversations)
-    p50, p99 = np.percentile(latencies, [50, 99])
-    result = {
-        "encoder_utt_per_s": round(enc, 1),
-        "pipeline_utt_per_s": round(pipe, 1),
-        "naive_utt_per_s": round(naive, 1),
+    return {"pipe": pipe, "latencies": latencies, "cpu": cpu, "pt_rate": pt_rate, "pt_cpu": pt_cpu, "naive": naive}
+
+
+def bench_result(m: dict, scorer) -> dict:
+    """The JSON line (the figures of the module docstring)."""
+    p50, p99 = np.percentile(m["latencies"], [50, 99])
+    overhead = worker_overhead(m["cpu"], m["enc_cpu"])
+    return {
+        "encoder_utt_per_s": round(m["enc"], 1),
+        "pipeline_utt_per_s": round(m["pipe"], 1),
+        "naive_utt_per_s": round(m["naive"], 1),
         "latency_p50_ms": round(float(p50), 1),
         "latency_p99_ms": round(float(p99), 1),
-        "step_ms_ratio_long_short": round(long_ms / short_ms, 3),
+        "step_ms_ratio_long_short": round(m["long_ms"] / m["short_ms"], 3),
         "device": str(scorer.device),
-    }
-    overhead = worker_overhead(cpu, enc_cpu)
-    result.update({
-        "passthrough_msg_per_s": round(pt_rate, 1),
-        "passthrough_core_ms_per_msg": _round(pt_cpu, 3),
+        "passthrough_msg_per_s": round(m["pt_rate"], 1),
+        "passthrough_core_ms_per_msg": _round(m["pt_cpu"], 3),
         "worker_overhead_core_ms_per_utt": _round(overhead, 3),
-        "overhead_vs_passthrough": _round(overhead / pt_cpu if overhead is not None and pt_cpu else None, 3),
-        "path_utt_per_s_b64": round(paths[64].utt_per_s, 1),
-        "path_utt_per_s_b256": round(paths[256].utt_per_s, 1),
-    })
-    print(f"encoder   {enc:8.1f} utt/s  (bare encoder, batches of {settings.max_batch})")
-    print(f"pipeline  {pipe:8.1f} utt/s  ({pipe / enc:.2f} x encoder; broker + {args.workers} worker(s) + Redis, "
-          f"{args.conversations} conversations)")
+        "overhead_vs_passthrough": _round(overhead / m["pt_cpu"] if overhead is not None and m["pt_cpu"] else None, 3),
+        "path_utt_per_s_b64": round(m["paths"][64].utt_per_s, 1),
+        "path_utt_per_s_b256": round(m["paths"][256].utt_per_s, 1),
+    }
+
+
+def print_figures(m: dict, workers: int, conversations: int, max_batch: int) -> None:
+    from stream.tools.pathbench import format_stages
+
+    enc, pipe, naive = m["enc"], m["pipe"], m["naive"]
+    p50, p99 = np.percentile(m["latencies"], [50, 99])
+    print(f"encoder   {enc:8.1f} utt/s  (bare encoder, batches of {max_batch})")
+    print(f"pipeline  {pipe:8.1f} utt/s  ({pipe / enc:.2f} x encoder; broker + {workers} worker(s) + Redis, "
+          f"{conversations} conversations)")
     print(f"naive     {naive:8.1f} utt/s  (pipeline is {pipe / naive:.2f} x naive)")
     print(f"latency   p50 {p50:.1f} ms, p99 {p99:.1f} ms  (produce -> provisional event, at {pipe / 2:.0f} utt/s)")
-    print(f"step cost {short_ms:.2f} ms at position 5, {long_ms:.2f} ms at 200: ratio {long_ms / short_ms:.3f}")
-    print_cpu(cpu, enc_cpu, pipe)
-    print_overhead(overhead, pt_cpu, pt_rate)
-    for b, r in paths.items():
+    print(f"step cost {m['short_ms']:.2f} ms at position 5, {m['long_ms']:.2f} ms at 200: "
+          f"ratio {m['long_ms'] / m['short_ms']:.3f}")
+    print_cpu(m["cpu"], m["enc_cpu"], pipe)
+    print_overhead(worker_overhead(m["cpu"], m["enc_cpu"]), m["pt_cpu"], m["pt_rate"])
+    for b, r in m["paths"].items():
         print(f"path b{b:<4} {r.utt_per_s:8.1f} utt/s  (encoder stubbed: {r.ms_per_batch:.1f} ms per batch of {b}; "
               f"ms per batch: {format_stages(r)}; {r.utt_per_s / enc:.2f} x encoder)")
-    if args.json:
-        print(json.dumps(result))
-    return 0
 
 
 def print_cpu(cpu: dict[str, float], encoder_cpu_ms: float | None, pipe: float) -> None:

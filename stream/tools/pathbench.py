@@ -12,7 +12,7 @@ conversation, as a worker batch over many interleaved conversations does. The ra
 a worker whose encoder is free (a GPU): compare it with the encoder's own rate at the same batch.
 
 Used by `emotion-monitor bench` (CPU, `path_utt_per_s_b64` / `_b256`) and `python -m
-stream.gpucheck` (CUDA, next to the encoder rates).
+stream.tools.gpucheck` (CUDA, next to the encoder rates).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The floor for `emotion-monitor bench`: a faust worker that only does the Kafka part.
 
-    python -m stream.passthrough      (configured from the environment, like `emotion-monitor worker`)
+    python -m stream.tools.passthrough      (configured from the environment, like `emotion-monitor worker`)
 
 Same faust app settings as the worker (built from the same `Settings`: broker, fetch wait, group
 timeouts, acks, partitions), the same micro-batching (`take_events(max_batch, within=max_wait_ms)`),

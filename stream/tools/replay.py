@@ -15,7 +15,7 @@ Input formats, chosen by file extension (and, for .json, by content):
 the monitor's real end-to-end latency.
 
 With `--score` the replay also reads `emotions` while it sends and reports delivery, accuracy
-against the gold labels and latency at the end (stream/scoring.py).
+against the gold labels and latency at the end (stream/tools/scoring.py).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream import kafka
-from stream.scoring import SentUtterance
+from stream.tools.scoring import SentUtterance
 from stream.settings import Settings
 
-SAMPLE = Path(__file__).resolve().parent / "samples" / "call_center.jsonl"
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "call_center.jsonl"
 MAX_GAP_S = 5.0  # long pauses (scene changes in MELD, hold music) would only make a demo drag
 WORDS_PER_S = 2.5  # ~150 words/min, a usual speaking rate: the pace of a JSONL file without timings
 MELD_COLUMNS = ("Utterance", "Speaker", "Dialogue_ID", "Utterance_ID", "StartTime")
@@ -46,7 +46,7 @@ class ReplayStats:
     sent: int
     conversations: int
     seconds: float
-    utterances: tuple[SentUtterance, ...] = field(default=(), repr=False)  # what was sent, with ts and gold label
+    sent_utterances: tuple[SentUtterance, ...] = field(default=(), repr=False)  # with ts and gold label
 
 
 def load_messages(path: str | Path) -> list[dict]:
@@ -201,6 +201,18 @@ def _with_ends(items: list[tuple[float, dict, str | None]]) -> list[tuple[float,
     return out
 
 
+def _replay_items(path: str | Path, limit: int | None, close_conversations: bool) -> list[tuple[float, dict, str | None]]:
+    items = _load_labelled(Path(path))
+    if limit is not None:
+        items = _first_conversations(items, limit)
+    return _with_ends(items) if close_conversations else items
+
+
+def _is_utterance(msg: dict) -> bool:
+    return msg.get("type", "utterance") == "utterance" and isinstance(msg.get("conversation_id"), str) \
+        and isinstance(msg.get("seq"), int)
+
+
 async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", speed: float = 0.0,
                  progress: bool = True, limit: int | None = None, settings: Settings | None = None,
                  tag: str | None = None, close_conversations: bool = False,
@@ -221,44 +233,104 @@ async def replay(path: str | Path, bootstrap: str, topic: str = "utterances", sp
 
     if speed < 0:
         raise ValueError("speed must be >= 0 (0 = as fast as possible)")
-    items = _load_labelled(Path(path))
-    if limit is not None:
-        items = _first_conversations(items, limit)
-    if close_conversations:
-        items = _with_ends(items)
+    items = _replay_items(path, limit, close_conversations)
     producer = kafka.producer(
         bootstrap, settings, acks="all",
         linger_ms=5,  # small: at replay speed a message should leave at once, its ts is its send time
         value_serializer=lambda m: json.dumps(m, ensure_ascii=False).encode("utf-8"),
     )
     await producer.start()
-    sent, pending, started = 0, [], time.perf_counter()
-    utterances: list[SentUtterance] = []
+    started = time.perf_counter()
     try:
         console = Console(stderr=True)  # stdout stays clean for whatever the caller prints
         with Progress(console=console, disable=not progress or not console.is_terminal, transient=True) as bar:
             task = bar.add_task(f"replay → {topic}", total=len(items))
-            for gap, msg, label in items:
-                if speed > 0 and gap > 0:
-                    await asyncio.sleep(gap / speed)
-                if tag and isinstance(msg.get("conversation_id"), str):
-                    msg = {**msg, "conversation_id": f"{msg['conversation_id']}-{tag}"}
-                if before_send is not None:
-                    await before_send(msg)
-                msg = {**msg, "ts": time.time()}
-                cid = msg.get("conversation_id")
-                key = cid.encode("utf-8") if isinstance(cid, str) else None  # a broken line still goes out (DLQ tests)
-                # send() only queues; aiokafka keeps one batch in flight per partition, so per-key order holds
-                pending.append(await producer.send(topic, msg, key=key))
-                if msg.get("type", "utterance") == "utterance" and isinstance(cid, str) and isinstance(msg.get("seq"), int):
-                    utterances.append(SentUtterance(cid, msg["seq"], msg["ts"], label))
-                sent += 1
-                bar.advance(task)
-            await asyncio.gather(*pending)  # raises if any message was not delivered
+            acks, sent = await _send_items(producer, topic, items, speed, tag, before_send, lambda: bar.advance(task))
+            await asyncio.gather(*acks)  # raises if any message was not delivered
     finally:
         await producer.stop()
-    return ReplayStats(sent=sent, conversations=len({m.get("conversation_id") for _, m, _ in items}),
-                       seconds=time.perf_counter() - started, utterances=tuple(utterances))
+    return ReplayStats(sent=len(acks), conversations=len({m.get("conversation_id") for _, m, _ in items}),
+                       seconds=time.perf_counter() - started, sent_utterances=tuple(sent))
+
+
+async def _send_items(producer, topic: str, items, speed: float, tag: str | None, before_send, advance):
+    """Queue every item (paced by `speed`, `ts` stamped at send); returns the ack futures and the
+    utterances sent. send() only queues; aiokafka keeps one batch in flight per partition, so
+    per-key order holds."""
+    acks, sent = [], []
+    for gap, msg, gold_label in items:
+        if speed > 0 and gap > 0:
+            await asyncio.sleep(gap / speed)
+        if tag and isinstance(msg.get("conversation_id"), str):
+            msg = {**msg, "conversation_id": f"{msg['conversation_id']}-{tag}"}
+        if before_send is not None:
+            await before_send(msg)
+        msg = {**msg, "ts": time.time()}
+        cid = msg.get("conversation_id")
+        key = cid.encode("utf-8") if isinstance(cid, str) else None  # a broken line still goes out (DLQ tests)
+        acks.append(await producer.send(topic, msg, key=key))
+        if _is_utterance(msg):
+            sent.append(SentUtterance(cid, msg["seq"], msg["ts"], gold_label))
+        advance()
+    return acks, sent
+
+
+class _Answers:
+    """What came back on `emotions` for the utterances a scored replay sent, and the flow control
+    that keeps at most `max_in_flight` of them unanswered."""
+
+    def __init__(self, max_in_flight: int, on_final: Callable[[], None], on_event: Callable[[dict], None] | None):
+        self.max_in_flight, self.on_final, self.on_event = max_in_flight, on_final, on_event
+        self.received: list[tuple[float, dict]] = []
+        self.answered: set[tuple[str, int]] = set()  # utterances with a provisional (or any) event back
+        self.finals: set[tuple[str, int]] = set()
+        self.sent_keys: set[tuple[str, int]] = set()
+        self.woke = asyncio.Event()
+
+    async def gate(self, msg: dict) -> None:
+        """Before an utterance goes out: wait (at most 5 s) while too many are unanswered."""
+        if msg.get("type", "utterance") != "utterance" or not isinstance(msg.get("seq"), int):
+            return
+        self.sent_keys.add((msg.get("conversation_id"), msg["seq"]))
+        give_up = time.monotonic() + 5.0
+        while 0 < self.max_in_flight < len(self.sent_keys - self.answered) and time.monotonic() < give_up:
+            self.woke.clear()
+            try:
+                await asyncio.wait_for(self.woke.wait(), timeout=max(0.01, give_up - time.monotonic()))
+            except TimeoutError:
+                break
+
+    def take(self, records, now: float) -> None:
+        for r in records:
+            try:
+                ev = json.loads(r.value)
+            except (ValueError, TypeError):
+                continue
+            key = (ev.get("conversation_id"), ev.get("seq")) if isinstance(ev, dict) else None
+            if key not in self.sent_keys:
+                continue  # another run's conversation (the ts check in scoring does the rest)
+            self.received.append((now, ev))
+            self.answered.add(key)
+            if ev.get("status") == "final" and key not in self.finals:
+                self.finals.add(key)
+                self.on_final()
+            if self.on_event is not None:
+                self.on_event(ev)
+
+    async def read_until_done(self, consumer, sender: asyncio.Task, timeout_s: float) -> None:
+        """Read until every sent utterance has its final, or `timeout_s` after the sender finished."""
+        deadline = None
+        while True:
+            if sender.done():
+                sender.result()  # raises a producer error at once
+                deadline = deadline or time.monotonic() + timeout_s
+                if self.finals >= self.sent_keys or time.monotonic() > deadline:
+                    return
+            batch = await consumer.getmany(timeout_ms=200)
+            now = time.time()
+            for records in batch.values():
+                self.take(records, now)
+            self.woke.set()
 
 
 async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str = "utterances",
@@ -266,7 +338,7 @@ async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str 
                         limit: int | None = None, settings: Settings | None = None, tag: str | None = None,
                         max_in_flight: int = 64, timeout_s: float = 300.0, console=None,
                         on_event: Callable[[dict], None] | None = None) -> dict:
-    """Replay `path` while reading `emotions_topic`; returns stream.scoring's report.
+    """Replay `path` while reading `emotions_topic`; returns stream.tools.scoring's report.
 
     Reads `emotions` from the earliest offset (the local broker's "latest" offsets are wrong) and
     keeps only this replay's events (matched on conversation, seq and the `ts` stamped here).
@@ -278,84 +350,35 @@ async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from stream.scoring import score_replay
+    from stream.tools.scoring import score_replay
 
-    items = _load_labelled(Path(path))
-    if limit is not None:
-        items = _first_conversations(items, limit)
-    total = sum(1 for _, m, _ in items if m.get("type", "utterance") == "utterance")
+    total = sum(1 for _, m, _ in _replay_items(path, limit, False) if m.get("type", "utterance") == "utterance")
     consumer = kafka.consumer(emotions_topic, bootstrap=bootstrap, settings=settings, fetch_max_wait_ms=10)
     await consumer.start()
-    received: list[tuple[float, dict]] = []
-    answered: set[tuple[str, int]] = set()  # utterances with a provisional (or any) event back
-    finals: set[tuple[str, int]] = set()
-    sent_keys: set[tuple[str, int]] = set()
-    woke = asyncio.Event()
-
-    async def gate(msg: dict) -> None:
-        if msg.get("type", "utterance") == "utterance" and isinstance(msg.get("seq"), int):
-            sent_keys.add((msg.get("conversation_id"), msg["seq"]))
-            give_up = time.monotonic() + 5.0
-            while max_in_flight > 0 and len(sent_keys - answered) > max_in_flight and time.monotonic() < give_up:
-                woke.clear()
-                try:
-                    await asyncio.wait_for(woke.wait(), timeout=max(0.01, give_up - time.monotonic()))
-                except TimeoutError:
-                    break
-
     console = console or Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, disable=not progress or not console.is_terminal) as bar:
             t_sent = bar.add_task(f"sent → {utterances_topic}", total=total)
             t_final = bar.add_task(f"finals ← {emotions_topic}", total=total)
+            answers = _Answers(max_in_flight, lambda: bar.advance(t_final), on_event)
 
-            async def send() -> ReplayStats:
-                async def gated(msg: dict) -> None:
-                    await gate(msg)
-                    if msg.get("type", "utterance") == "utterance":
-                        bar.advance(t_sent)
-                return await replay(path, bootstrap, utterances_topic, speed=speed, progress=False, limit=limit,
-                                    settings=settings, tag=tag, close_conversations=True, before_send=gated)
+            async def gated(msg: dict) -> None:
+                await answers.gate(msg)
+                if msg.get("type", "utterance") == "utterance":
+                    bar.advance(t_sent)
 
-            sender = asyncio.create_task(send())
-            deadline = None
+            sender = asyncio.create_task(replay(path, bootstrap, utterances_topic, speed=speed, progress=False, limit=limit,
+                                                settings=settings, tag=tag, close_conversations=True, before_send=gated))
             try:
-                while True:
-                    if sender.done():
-                        sender.result()  # raises a producer error at once
-                        if deadline is None:
-                            deadline = time.monotonic() + timeout_s
-                        if finals >= sent_keys or time.monotonic() > deadline:
-                            break
-                    batch = await consumer.getmany(timeout_ms=200)
-                    now = time.time()
-                    for records in batch.values():
-                        for r in records:
-                            try:
-                                ev = json.loads(r.value)
-                            except (ValueError, TypeError):
-                                continue
-                            if not isinstance(ev, dict):
-                                continue
-                            key = (ev.get("conversation_id"), ev.get("seq"))
-                            if key not in sent_keys:
-                                continue  # another run's conversation (the ts check in scoring does the rest)
-                            received.append((now, ev))
-                            answered.add(key)
-                            if ev.get("status") == "final" and key not in finals:
-                                finals.add(key)
-                                bar.advance(t_final)
-                            if on_event is not None:
-                                on_event(ev)
-                    woke.set()
+                await answers.read_until_done(consumer, sender, timeout_s)
             finally:
                 if not sender.done():
                     sender.cancel()
             stats = sender.result()
     finally:
         await consumer.stop()
-    report = score_replay(stats.utterances, received)
+    report = score_replay(stats.sent_utterances, answers.received)
     report["seconds"] = round(stats.seconds, 2)
     return report
 
@@ -387,7 +410,7 @@ def add_replay(sub) -> None:
 
 
 def print_report(report: dict, as_json: bool) -> None:
-    from stream.scoring import format_report
+    from stream.tools.scoring import format_report
 
     for line in format_report(report):
         print(line)
