@@ -56,7 +56,7 @@ def run_worker_cmd(args: argparse.Namespace) -> int:
     settings = Settings()
     # Read by the OpenMP runtime when torch loads: set before anything imports torch.
     os.environ.setdefault("OMP_WAIT_POLICY", settings.omp_wait_policy)
-    from stream.worker import run_worker
+    from stream.worker.run import run_worker
 
     # faust's Worker parses sys.argv itself: leave it only the program name.
     sys.argv = sys.argv[:1]

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     backend: str = Field("auto", pattern="^(auto|eager|compile|tensorrt|onnx)$",
                          description="encoder backend: auto (CUDA: tensorrt > compile; CPU: onnx > eager), eager, compile, tensorrt, onnx")
     # Idleness is measured in event time (Kafka message timestamps of the partition), see
-    # stream/logic.py PartitionClock: a worker catching up on a backlog does not flush.
+    # stream/core/conversation.py PartitionClock: a worker catching up on a backlog does not flush.
     idle_finalize_s: float = Field(30.0, gt=0, description="a conversation quiet this long (event time) gets its pending utterances finalised; it stays open")
     abandon_after_s: float = Field(1800.0, gt=0, description="a conversation with no utterance for this long (event time) ends: pending finals, then its summary (ended_by abandoned)")
     # Seq gaps (docs/architecture.md, "Seq gaps"): utterances after a missing seq wait this long (event time) for

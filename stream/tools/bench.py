@@ -111,30 +111,31 @@ def encoder_rate(scorer, seconds: float, batch: int) -> tuple[float, float | Non
 def step_cost_ratio(scorer, rules_path: str | None = None, repeats: int = 60) -> tuple[float, float]:
     """Median ms per utterance at positions 5 and 200 (state bytes in, step, events, alert rules,
     state bytes out): the worker's per-utterance path without the encoder."""
-    from stream.alerts import load_rules
-    from stream.logic import Conversation, StepConfig, step
-    from stream.validate import Utterance
+    from stream.core.codec import decode_state, encode_state
+    from stream.core.conversation import ConversationConfig, ConversationState, advance_conversations
+    from stream.core.rules import load_rules
+    from stream.core.validate import UtteranceMessage
 
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, False, load_rules(rules_path, scorer.labels))
+    cfg = ConversationConfig(scorer.labels, scorer.model_id, scorer.window, False, load_rules(rules_path, scorer.labels))
     roles = ("customer", "agent")
     dim = scorer.encode([]).shape[1]  # the utterance vector's size
     rng = np.random.default_rng(0)
-    conv: Conversation | None = None
+    conv: ConversationState | None = None
     snapshots: dict[int, bytes] = {}
     for seq in range(201):
-        item = Utterance("ratio", seq, f"s{seq % 2}", roles[seq % 2], "x", None, f"d{seq}")
-        convs, _ = step(cfg, scorer.step, {"ratio": conv}, [item], rng.standard_normal((1, dim)).astype(np.float32), 0.0)
+        item = UtteranceMessage("ratio", seq, f"s{seq % 2}", roles[seq % 2], "x", None, f"d{seq}")
+        convs, _ = advance_conversations(cfg, scorer.step, {"ratio": conv}, [item], rng.standard_normal((1, dim)).astype(np.float32), 0.0)
         conv = convs["ratio"]
         if seq + 1 in (5, 200):
-            snapshots[seq + 1] = conv.to_bytes()
+            snapshots[seq + 1] = encode_state(conv)
     times: dict[int, list[float]] = {pos: [] for pos in snapshots}
     vec = rng.standard_normal((1, dim)).astype(np.float32)
     for _ in range(repeats):
         for pos, blob in snapshots.items():  # alternating, so the machine's drift hits both alike
             t0 = time.perf_counter()
-            state = Conversation.from_bytes(blob)
-            convs, _ = step(cfg, scorer.step, {"ratio": state}, [Utterance("ratio", pos, f"s{pos % 2}", roles[pos % 2], "x", None, "dx")], vec, 0.0)
-            convs["ratio"].to_bytes()
+            state = decode_state(blob)
+            convs, _ = advance_conversations(cfg, scorer.step, {"ratio": state}, [UtteranceMessage("ratio", pos, f"s{pos % 2}", roles[pos % 2], "x", None, "dx")], vec, 0.0)
+            encode_state(convs["ratio"])
             times[pos].append((time.perf_counter() - t0) * 1000)
     return statistics.median(times[5]), statistics.median(times[200])
 
@@ -270,7 +271,7 @@ async def passthrough_phase(stack, n_conv: int, n: int, progress, workdir: Path)
 def path_rates(scorer, rules_path, batches=(64, 256), seconds: float = 1.0) -> dict:
     """The step path's rate with the encoder stubbed out (stream/tools/pathbench.py), per batch size,
     with the worker's own model step (scorer.step) and alert rules."""
-    from stream.alerts import load_rules
+    from stream.core.rules import load_rules
     from stream.tools.pathbench import path_rate
 
     rules = load_rules(rules_path, scorer.labels)

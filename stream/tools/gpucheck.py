@@ -89,7 +89,7 @@ def stubbed_path(model, batches=PATH_BATCHES, seconds: float = 2.0, model_id: st
     """The worker's step path with the encoder stubbed out, on the model's device (CPU or CUDA):
     per batch size {utt_per_s, ms_per_batch, stages_ms}. The shipped alert rules are on when they
     fit the model's labels (as in the worker), off otherwise."""
-    from stream.alerts import check_labels, load_rules
+    from stream.core.rules import check_labels, load_rules
     from stream.tools.pathbench import path_rate
 
     labels = model.cfg.emotion_labels

@@ -4,13 +4,13 @@
 
 Same faust app settings as the worker (built from the same `Settings`: broker, fetch wait, group
 timeouts, acks, partitions), the same micro-batching (`take_events(max_batch, within=max_wait_ms)`),
-the real validation of each message (`stream.validate.parse_message`), and one event per
+the real validation of each message (`stream.core.validate.parse_message`), and one event per
 utterance of the same shape and size as a real emotion event (fixed scores), published to the
 emotions topic with the acks of a batch awaited together, as the worker does. No model, no Redis,
 no alert rules. What this process spends per message is what Kafka I/O alone costs a faust worker;
 the bench compares the real worker's CPU beyond its encoder with it (`overhead_vs_passthrough`).
 
-The app comes from `stream.faust_app.make_app`, the factory the worker's `build_app` uses too, so
+The app comes from `stream.worker.app.make_app`, the factory the worker's `build_app` uses too, so
 both run with the same broker, fetch, group and producer settings.
 """
 
@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stream.logic import event_id
+from stream.core.events import encode_record, event_id
 from stream.settings import Settings
-from stream.validate import Rejected, Utterance, parse_message
+from stream.core.validate import Rejected, UtteranceMessage, parse_message
 
 log = logging.getLogger("emotion_monitor.passthrough")
 
@@ -42,8 +42,8 @@ def model_identity(model_path: Path) -> tuple[tuple[str, ...], dict[str, str]]:
         return ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"), {"name": "emotion-si-meld", "version": "0.1.0"}
 
 
-def passthrough_event(item: Utterance, labels: tuple[str, ...], model: dict[str, str], now: float) -> dict[str, Any]:
-    """An event with the fields and the size of a real provisional emotion event (stream.logic._event)."""
+def passthrough_event(item: UtteranceMessage, labels: tuple[str, ...], model: dict[str, str], now: float) -> dict[str, Any]:
+    """An event with the fields and the size of a real provisional emotion event (stream.core.conversation)."""
     # Five decimals like the real scores; a fixed spread so every event has the same size.
     probs = [round(0.7 / len(labels) + 0.3 * (k == 0) + 0.01234 * (k + 1) / len(labels), 5) for k in range(len(labels))]
     return {
@@ -63,12 +63,8 @@ def passthrough_event(item: Utterance, labels: tuple[str, ...], model: dict[str,
     }
 
 
-def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
 def build_passthrough_app(settings: Settings):
-    from stream.faust_app import make_app
+    from stream.worker.app import make_app
 
     app = make_app(settings)
     source = app.topic(settings.utterances_topic, partitions=settings.partitions)
@@ -82,9 +78,9 @@ def build_passthrough_app(settings: Settings):
             acks = []
             for e in batch:
                 parsed = parse_message(e.message.value, e.message.key, settings.max_message_bytes, settings.max_text_chars)
-                if isinstance(parsed, Utterance):
+                if isinstance(parsed, UtteranceMessage):
                     acks.append(await emotions.send(key=parsed.conversation_id.encode(),
-                                                    value=_dumps(passthrough_event(parsed, labels, model, now))))
+                                                    value=encode_record(passthrough_event(parsed, labels, model, now))))
                 elif isinstance(parsed, Rejected):
                     log.warning("passthrough: a message was rejected (%s)", parsed.error)
             await asyncio.gather(*acks)

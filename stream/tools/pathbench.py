@@ -1,11 +1,11 @@
 """The worker's step path with the encoder stubbed out: utterances per second for one micro-batch.
 
 What a worker does per micro-batch besides Kafka I/O, Redis round trips and the encoder:
-  1. decode the batch's conversation states from their stored bytes (`Conversation.from_bytes`),
-  2. `stream.logic.step`: admission, per-conversation bookkeeping, the model step
+  1. decode the batch's conversation states from their stored bytes (`stream.core.codec.decode_state`),
+  2. `stream.core.conversation.advance_conversations`: admission, per-conversation bookkeeping, the model step
      (`model.streaming.step`: party ids, window assembly, forward GRU, backward GRUs and
      cross-attention over the window) and the events and alert rules,
-  3. encode the new states to bytes (`Conversation.to_bytes`).
+  3. encode the new states to bytes (`stream.core.codec.encode_state`).
 Here every conversation is at the same position (past a full window), the utterance vectors are
 precomputed random ones (the encoder's output shape), and the batch holds one utterance per
 conversation, as a worker batch over many interleaved conversations does. The rate is what caps
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from model.streaming import step as model_step_fn
-from stream.logic import Conversation, StepConfig
-from stream.logic import step as logic_step
-from stream.validate import Utterance
+from stream.core.codec import decode_state, encode_state
+from stream.core.conversation import ConversationConfig, ConversationState, advance_conversations
+from stream.core.validate import UtteranceMessage
 
-STAGES = ("decode", "model_step", "events", "encode")
+PATH_STAGES = ("decode", "model_step", "events", "encode")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class PathRate:
     ms_per_batch: float
     repeats: int
     # Mean ms per batch in each part: state decode, model step (streaming.step), the rest of
-    # logic.step (admission, bookkeeping, events, alert rules), state encode.
+    # advance_conversations (admission, bookkeeping, events, alert rules), state encode.
     stages_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -61,35 +61,35 @@ def default_step(model) -> Callable:
     return run
 
 
-def _utterance(cid: str, seq: int) -> Utterance:
-    return Utterance(cid, seq, f"{cid}-s{seq % 2}", "customer" if seq % 2 == 0 else "agent", "x", None, f"d{seq}")
+def _utterance(cid: str, seq: int) -> UtteranceMessage:
+    return UtteranceMessage(cid, seq, f"{cid}-s{seq % 2}", "customer" if seq % 2 == 0 else "agent", "x", None, f"d{seq}")
 
 
-def prepared_states(cfg: StepConfig, model_step: Callable, dim: int, batch: int, position: int,
+def prepared_states(cfg: ConversationConfig, model_step: Callable, dim: int, batch: int, position: int,
                     rng: np.random.Generator) -> dict[str, bytes]:
     """`batch` conversations stepped `position` times (random vectors), as stored bytes."""
-    convs: dict[str, Conversation | None] = {f"path-{i}": None for i in range(batch)}
+    convs: dict[str, ConversationState | None] = {f"path-{i}": None for i in range(batch)}
     for seq in range(position):
         inputs = [_utterance(cid, seq) for cid in convs]
         vectors = rng.standard_normal((batch, dim)).astype(np.float32)
-        convs, _ = logic_step(cfg, model_step, convs, inputs, vectors, 0.0)
-    return {cid: conv.to_bytes() for cid, conv in convs.items()}
+        convs, _ = advance_conversations(cfg, model_step, convs, inputs, vectors, 0.0)
+    return {cid: encode_state(conv) for cid, conv in convs.items()}
 
 
 def path_rate(model, batch: int, *, labels: Sequence[str] | None = None, model_id: str = "bench@0",
               rules: tuple = (), model_step: Callable | None = None, position: int | None = None,
               seconds: float = 2.0, min_repeats: int = 3, seed: int = 0) -> PathRate:
     """Utterances per second of the step path for a batch of `batch` conversations (one new
-    utterance each), the encoder stubbed out: decode states + logic.step + encode states.
+    utterance each), the encoder stubbed out: decode states + advance_conversations + encode states.
 
     `model` sits on the device to measure (CPU or CUDA); `model_step` defaults to
     `model.streaming.step` bound to it (`default_step`); `rules` are the alert rules
-    (`stream.alerts.load_rules`), () for none; `position` is where every conversation stands
+    (`stream.core.rules.load_rules`), () for none; `position` is where every conversation stands
     (default: window + 4, past a full window, so the window is at its bounded size)."""
     cfg_m = model.cfg
     labels = tuple(labels or cfg_m.emotion_labels)
     step_fn = model_step or default_step(model)
-    cfg = StepConfig(labels, model_id, cfg_m.window, False, tuple(rules))
+    cfg = ConversationConfig(labels, model_id, cfg_m.window, False, tuple(rules))
     dim = model.encoder.dim
     rng = np.random.default_rng(seed)
     position = cfg_m.window + 4 if position is None else position
@@ -108,11 +108,11 @@ def path_rate(model, batch: int, *, labels: Sequence[str] | None = None, model_i
     def once(sums: dict[str, float]) -> None:
         in_step[0] = 0.0
         t0 = time.perf_counter()
-        convs = {cid: Conversation.from_bytes(b) for cid, b in blobs.items()}
+        convs = {cid: decode_state(b) for cid, b in blobs.items()}
         t1 = time.perf_counter()
-        new, _ = logic_step(cfg, timed_step, convs, inputs, vectors, time.time())
+        new, _ = advance_conversations(cfg, timed_step, convs, inputs, vectors, time.time())
         t2 = time.perf_counter()
-        out = [c.to_bytes() for c in new.values()]
+        out = [encode_state(c) for c in new.values()]
         t3 = time.perf_counter()
         assert len(out) == batch
         sums["decode"] += t1 - t0
@@ -120,8 +120,8 @@ def path_rate(model, batch: int, *, labels: Sequence[str] | None = None, model_i
         sums["events"] += (t2 - t1) - in_step[0]
         sums["encode"] += t3 - t2
 
-    once(dict.fromkeys(STAGES, 0.0))  # warm-up (first-call allocations, CUDA kernels)
-    sums = dict.fromkeys(STAGES, 0.0)
+    once(dict.fromkeys(PATH_STAGES, 0.0))  # warm-up (first-call allocations, CUDA kernels)
+    sums = dict.fromkeys(PATH_STAGES, 0.0)
     n, t0 = 0, time.perf_counter()
     while n < min_repeats or time.perf_counter() - t0 < seconds:
         once(sums)

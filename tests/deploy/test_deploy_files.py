@@ -510,7 +510,7 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in():
                 "stream/__pycache__/x.pyc"):
         assert dockerignored(out, patterns), f".dockerignore lets {out} into the build context"
     for keep in ("pyproject.toml", "README.md", "model/modeling.py", "model/weights/meld/model.safetensors",
-                 "stream/worker.py", "stream/schemas/utterance.schema.json"):
+                 "stream/worker/batch.py", "stream/schemas/utterance.schema.json"):
         assert not dockerignored(keep, patterns), f".dockerignore drops {keep}, which the image needs"
 
 

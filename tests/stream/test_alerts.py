@@ -1,4 +1,5 @@
-"""Alert rules and conversation summaries (stream/alerts.py): pure functions, no broker."""
+"""Alert rules and conversation summaries (stream/core/: rules, monitor, trajectory, risk, summary):
+pure functions, no broker."""
 
 from __future__ import annotations
 
@@ -10,20 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.alerts import (
-    Final,
-    Trajectory,
-    MAX_TRAJECTORY,
-    MonitorState,
-    check_labels,
-    load_rules,
-    on_final,
-    risk,
-    summarize,
-)
+from stream.core.codec import monitor_from_dict, monitor_to_dict, trajectory_from_dict, trajectory_to_dict
+from stream.core.events import model_id_of
+from stream.core.monitor import MonitorState, on_final
+from stream.core.rules import check_labels, load_rules
+from stream.core.summary import monitor_risk, summarize
+from stream.core.trajectory import MAX_TRAJECTORY, Final, Trajectory
 
 MELD = ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]
 MODEL = {"name": "emotion-si-meld", "version": "0.1.0"}
+MODEL_ID = model_id_of(MODEL)
 CID = "call-1042"
 
 
@@ -103,7 +100,7 @@ def test_long_angry_run_raises_once(rules):
     assert not by_rule(alerts, "customer_intense_anger")  # score 0.7 < 0.8
     assert not by_rule(alerts, "customer_escalation")  # never neutral -> anger
     assert len(alerts) == 2
-    assert risk(state) == 1.0
+    assert monitor_risk(state) == 1.0
 
 
 def test_intense_anger_twice_is_critical(rules):
@@ -132,7 +129,7 @@ def test_recovery_after_calm(rules):
     state, alerts = run(rules, dialogue(["anger", "anger", "disgust"]))
     raised = by_rule(alerts, "customer_negative_streak")
     assert len(raised) == 1
-    risk_angry = risk(state)
+    risk_angry = monitor_risk(state)
     assert risk_angry >= 0.6 + 0.4 * 0.5  # all negative + an open warning
     # 3 calm customer finals: not yet
     # (the agent's anger in between does not count against the customer)
@@ -149,7 +146,7 @@ def test_recovery_after_calm(rules):
     assert rec["closes"] == raised[0]["alert_id"] != rec["alert_id"]
     assert "rule customer_recovered" in rec["reason"] and "seq 6-12" in rec["reason"]
     assert all(not g.open for g in state.groups)
-    assert risk(state) == pytest.approx(0.6 * 1 / 5)  # one negative final left in the last 5, no open alert
+    assert monitor_risk(state) == pytest.approx(0.6 * 1 / 5)  # one negative final left in the last 5, no open alert
     # a second calm stretch does not recover again; a new angry episode raises again
     state, more = run(rules, [ev(s, "neutral") for s in (14, 16, 18, 20)], state)
     assert more == []
@@ -161,12 +158,12 @@ def test_recovery_closes_each_open_alert(rules):
     state, alerts = run(rules, dialogue(["neutral", "anger", "anger", "anger", "anger"]))
     raised = [a for a in alerts if a["kind"] == "raised"]
     assert [a["rule"] for a in raised] == ["customer_escalation", "customer_negative_streak", "customer_negative_streak_critical"]
-    assert risk(state) == pytest.approx(0.6 * 4 / 5 + 0.4)  # 4 of the last 5 negative, a critical open
+    assert monitor_risk(state) == pytest.approx(0.6 * 4 / 5 + 0.4)  # 4 of the last 5 negative, a critical open
     state, more = run(rules, [ev(s, "neutral") for s in (10, 12, 14, 16)], state)
     assert [(a["kind"], a["rule"], a["closes"]) for a in more] == [("recovered", a["rule"], a["alert_id"]) for a in raised]
     assert len({a["alert_id"] for a in alerts + more}) == 6
     assert all((a["seq_from"], a["seq_to"], a["severity"]) == (10, 16, "info") for a in more)
-    s = summarize(state, CID, "end", MODEL, now=1.0)
+    s = summarize(state, CID, "end", MODEL_ID, now=1.0)
     assert s["open_alerts"] == [] and [a["kind"] for a in s["alerts"]] == ["raised"] * 3 + ["recovered"] * 3
 
 
@@ -205,7 +202,7 @@ def test_agent_anger_does_not_trigger_customer_rules(rules):
     evs = [ev(i, "anger", role="agent") if i % 2 else ev(i, "neutral") for i in range(20)]
     state, alerts = run(rules, evs)
     assert alerts == []
-    assert risk(state) == 0.0
+    assert monitor_risk(state) == 0.0
     assert {g.role for g in state.groups} == {"customer"}
 
 
@@ -244,7 +241,7 @@ def test_summary_fields_and_determinism(rules):
     evs = dialogue(["neutral", "joy", "anger", "anger", "sadness", "neutral"])
     evs[4]["scores"]["anger"], evs[4]["scores"]["neutral"] = 0.95, 0.0  # seq 4 anger, highest peak
     state, alerts = run(rules, evs)
-    s = summarize(state, CID, "end", MODEL, now=1764165999.0)
+    s = summarize(state, CID, "end", MODEL_ID, now=1764165999.0)
     SUMMARY.validate(s)
     assert s["conversation_id"] == CID and s["ended_by"] == "end" and s["utterances"] == 12
     assert s["distribution"] == {"customer": {"neutral": 2, "joy": 1, "anger": 2, "sadness": 1}, "agent": {"neutral": 6}}
@@ -259,24 +256,24 @@ def test_summary_fields_and_determinism(rules):
     # same input, same ids; other conversation or model, other ids
     state2, alerts2 = run(rules, evs)
     assert alerts2 == alerts
-    assert summarize(state2, CID, "end", MODEL, now=1764165999.0) == s
-    assert summarize(state2, CID, "idle", MODEL, now=5.0)["summary_id"] == s["summary_id"]
-    assert summarize(state, "call-7", "end", MODEL, now=1.0)["summary_id"] != s["summary_id"]
+    assert summarize(state2, CID, "end", MODEL_ID, now=1764165999.0) == s
+    assert summarize(state2, CID, "idle", MODEL_ID, now=5.0)["summary_id"] == s["summary_id"]
+    assert summarize(state, "call-7", "end", MODEL_ID, now=1.0)["summary_id"] != s["summary_id"]
     other = {"name": "emotion-si-meld", "version": "0.2.0"}
-    assert summarize(state, CID, "end", other, now=1.0)["summary_id"] != s["summary_id"]
+    assert summarize(state, CID, "end", model_id_of(other), now=1.0)["summary_id"] != s["summary_id"]
     _, alerts3 = run(rules, dialogue(["neutral", "joy", "anger", "anger", "sadness", "neutral"], model=other))
     assert {a["alert_id"] for a in alerts3}.isdisjoint(a["alert_id"] for a in alerts)
     assert len({a["alert_id"] for a in alerts}) == len(alerts)
     with pytest.raises(ValueError):
-        summarize(state, CID, "crash", MODEL, now=1.0)
+        summarize(state, CID, "crash", MODEL_ID, now=1.0)
 
 
 def test_empty_summary_and_trajectory_cap(rules):
-    s = summarize(MonitorState(), CID, "idle", MODEL, now=1.0)
+    s = summarize(MonitorState(), CID, "idle", MODEL_ID, now=1.0)
     SUMMARY.validate(s)
     assert s["utterances"] == 0 and s["trajectory"] == [] and s["peaks"] == [] and s["risk"] == 0.0
     state, _ = run(rules, [ev(i, "neutral", role="agent") for i in range(MAX_TRAJECTORY + 20)])
-    s = summarize(state, CID, "idle", MODEL, now=1.0)
+    s = summarize(state, CID, "idle", MODEL_ID, now=1.0)
     SUMMARY.validate(s)
     assert s["utterances"] == MAX_TRAJECTORY + 20 and s["trajectory_truncated"]
     assert len(s["trajectory"]) == MAX_TRAJECTORY and s["trajectory"][0]["seq"] == 20
@@ -286,13 +283,13 @@ def test_state_round_trips_through_json(rules):
     evs = dialogue(["neutral", "anger", "anger", "anger", "neutral"]) + [ev(100, "anger", role=None, speaker="x")]
     state, _ = run(rules, evs)
     assert any(g.open for g in state.groups)
-    restored = MonitorState.from_dict(json.loads(json.dumps(state.to_dict())))
+    restored = monitor_from_dict(json.loads(json.dumps(monitor_to_dict(state))))
     assert restored == state
     # and carries on exactly like the original
     tail = [ev(s, "neutral") for s in (102, 104, 106, 108)]
     assert run(rules, tail, restored) == run(rules, tail, state)
     with pytest.raises(ValueError, match="version"):
-        MonitorState.from_dict({**state.to_dict(), "v": 99})
+        monitor_from_dict({**monitor_to_dict(state), "v": 99})
 
 
 def test_state_stays_bounded(rules):
@@ -301,9 +298,9 @@ def test_state_stays_bounded(rules):
     state, alerts = run(rules, evs)
     assert len(alerts) > 100 and state.alerts_truncated and len(state.alerts) == 100
     assert len(state.trajectory) == MAX_TRAJECTORY
-    assert all(len(g.window) <= 5 for g in state.groups)
-    assert len(json.dumps(state.to_dict())) < 200_000
-    SUMMARY.validate(summarize(state, CID, "end", MODEL, now=1.0))
+    assert all(len(g.last_finals) <= 5 for g in state.groups)
+    assert len(json.dumps(monitor_to_dict(state))) < 200_000
+    SUMMARY.validate(summarize(state, CID, "end", MODEL_ID, now=1.0))
 
 
 @pytest.mark.parametrize(
@@ -362,14 +359,13 @@ def test_random_conversations(steps):
                 assert a["closes"] in open_ids
                 open_ids.discard(a["closes"])
         assert open_ids == {a.alert_id for g in state.groups for a in g.open}
-        assert 0.0 <= risk(state) <= 1.0
-        assert MonitorState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
-    SUMMARY.validate(summarize(state, CID, "end", MODEL, now=1.0))
+        assert 0.0 <= monitor_risk(state) <= 1.0
+        assert monitor_from_dict(json.loads(json.dumps(monitor_to_dict(state)))) == state
+    SUMMARY.validate(summarize(state, CID, "end", MODEL_ID, now=1.0))
 
 
 def test_shipped_rules_exist_for_both_shipped_label_sets():
     from model.training.data import EMORYNLP_LABELS, MELD_LABELS
-    from stream.alerts import check_labels, load_rules
 
     for labels in (MELD_LABELS, EMORYNLP_LABELS):
         rules = load_rules(None, labels)
@@ -379,10 +375,10 @@ def test_shipped_rules_exist_for_both_shipped_label_sets():
 
 def test_version_1_state_with_a_list_trajectory_still_loads(rules):
     state, _ = run(rules, dialogue(["neutral", "anger", "joy"]))
-    d = state.to_dict()
+    d = monitor_to_dict(state)
     finals = [f.to_dict() for f in state.trajectory.finals()]
     old = {**d, "v": 1, "trajectory": finals}  # what a worker of the previous release stored
-    restored = MonitorState.from_dict(json.loads(json.dumps(old)))
+    restored = monitor_from_dict(json.loads(json.dumps(old)))
     assert restored.trajectory.finals() == state.trajectory.finals() and restored == state
 
 
@@ -394,5 +390,5 @@ def test_trajectory_packs_many_speakers_and_keeps_the_last_finals():
     finals = t.finals()
     assert len(t) == MAX_TRAJECTORY and [f.seq for f in finals] == list(range(2 * MAX_TRAJECTORY, 3 * MAX_TRAJECTORY))
     assert finals[-1] == Final(3 * MAX_TRAJECTORY - 1, None, f"speaker-{3 * MAX_TRAJECTORY - 1}", "neutral", 0.12345)
-    assert len(t.people) <= 2 * MAX_TRAJECTORY
-    assert Trajectory.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    assert len(t.who_table) <= 2 * MAX_TRAJECTORY
+    assert trajectory_from_dict(json.loads(json.dumps(trajectory_to_dict(t)))) == t

@@ -86,9 +86,10 @@ def test_path_rate_steps_the_stubbed_path_and_reports_its_stages():
     import torch
 
     from model.modeling import EmotionSIModel
-    from stream.alerts import load_rules
-    from stream.logic import Conversation, StepConfig
-    from stream.tools.pathbench import STAGES, default_step, path_rate, prepared_states
+    from stream.core.codec import decode_state
+    from stream.core.rules import load_rules
+    from stream.core.conversation import ConversationConfig
+    from stream.tools.pathbench import PATH_STAGES, default_step, path_rate, prepared_states
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)
@@ -97,14 +98,14 @@ def test_path_rate_steps_the_stubbed_path_and_reports_its_stages():
     r = path_rate(model, 8, rules=rules, seconds=0.05, min_repeats=2)
     assert r.batch == 8 and r.repeats >= 2
     assert r.utt_per_s > 0 and r.ms_per_batch > 0
-    assert set(r.stages_ms) == set(STAGES) and all(v >= 0 for v in r.stages_ms.values())
+    assert set(r.stages_ms) == set(PATH_STAGES) and all(v >= 0 for v in r.stages_ms.values())
     assert r.stages_ms["model_step"] > 0
     assert abs(sum(r.stages_ms.values()) - r.ms_per_batch) <= 0.25 * r.ms_per_batch  # the stages are the batch
 
     import numpy as np
 
-    cfg = StepConfig(model.cfg.emotion_labels, "t@0", model.cfg.window, False, rules)
+    cfg = ConversationConfig(model.cfg.emotion_labels, "t@0", model.cfg.window, False, rules)
     blobs = prepared_states(cfg, default_step(model), model.encoder.dim, 3, 6, np.random.default_rng(0))
-    states = [Conversation.from_bytes(b) for b in blobs.values()]
+    states = [decode_state(b) for b in blobs.values()]
     assert len(states) == 3 and all(s.last_seq == 5 and s.dialogue.seen == 6 for s in states)
     assert all(len(s.dialogue.vectors) == model.cfg.window for s in states)  # bounded window, full

@@ -57,7 +57,7 @@ def _emotion(cid, seq, status, emo, speaker, role, score=0.8) -> dict:
 
 def _check_contract(topic: str, value: dict) -> None:
     """The events this test sends follow the published schemas (where the contract has one)."""
-    from stream.contract import SCHEMAS, validate_event
+    from stream.core.contract import SCHEMAS, validate_event
 
     name = {"emotions": "emotion-event", "alerts": "alert", "summaries": "summary"}[topic.split("-")[1]]
     if name in SCHEMAS and pytest.importorskip("jsonschema"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from model.artifact import load_artifact
-from stream.contract import validate_event
+from stream.core.contract import validate_event
 from stream.kafka import create_topics
 from tests.stream.test_worker_integration import conversation, end, finals_of, offline_scores, scores
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
@@ -258,8 +258,8 @@ def test_a_read_only_replica_is_recognised_as_refusing_writes(tmp_path):
     import redis.asyncio as aioredis
 
     from stream.tools.localstack import start_redis, stop_process
-    from stream.logic import Conversation
-    from stream.state_store import StateStore, StateWriteRefused
+    from stream.core.conversation import ConversationState
+    from stream.worker.state_store import StateStore, StateWriteRefused
     from stream.tools.localstack import free_port
 
     proc, port = start_redis(tmp_path / "redis")
@@ -272,12 +272,12 @@ def test_a_read_only_replica_is_recognised_as_refusing_writes(tmp_path):
         try:
             assert await store.probe_write() == "READONLY"
             with pytest.raises(StateWriteRefused) as info:
-                await store.save({"c": Conversation()}, {"c": 0})
+                await store.save({"c": ConversationState()}, {"c": 0})
             assert info.value.code == "READONLY" and "SET" not in str(info.value)
             assert info.value.__cause__ is None  # the client's text (it quotes the state) is not chained
         finally:
             await r.replicaof("NO", "ONE")
-        await store.save({"c": Conversation()}, {"c": 0})
+        await store.save({"c": ConversationState()}, {"c": 0})
         await r.aclose()
 
     try:

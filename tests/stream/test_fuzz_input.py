@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream.validate import End, Rejected, Utterance, parse_message
+from stream.core.validate import EndMessage, Rejected, UtteranceMessage, parse_message
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text()
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
@@ -29,10 +29,10 @@ fields = st.fixed_dictionaries(
 
 def check(value: bytes, key: bytes | None):
     out = parse_message(value, key, max_message_bytes=4096, max_text_chars=200)
-    assert isinstance(out, (Utterance, End, Rejected))
+    assert isinstance(out, (UtteranceMessage, EndMessage, Rejected))
     if isinstance(out, Rejected):
         assert out.error and out.reason
-    if isinstance(out, Utterance):
+    if isinstance(out, UtteranceMessage):
         assert out.text.strip() and len(out.text) <= 200 and out.seq >= 0 and key == out.conversation_id.encode()
         out.text.encode("utf-8")  # never a lone surrogate downstream
     return out
@@ -57,7 +57,7 @@ def test_random_json_objects_never_raise(obj):
 def test_unicode_edge_cases(text):
     raw = json.dumps({"conversation_id": "c", "seq": 0, "speaker": "s", "text": text}).encode()
     out = check(raw, b"c")
-    assert isinstance(out, (Utterance, Rejected))
+    assert isinstance(out, (UtteranceMessage, Rejected))
 
 
 def test_fuzz_counts_are_reported(capsys):
@@ -78,4 +78,4 @@ def test_fuzz_counts_are_reported(capsys):
         out = check(value, b"c1")
         counts[out.error if isinstance(out, Rejected) else type(out).__name__] += 1
     print("fuzz outcomes:", dict(sorted(counts.items())))
-    assert sum(counts.values()) == 3000 and counts["Utterance"] > 0 and len(counts) >= 6
+    assert sum(counts.values()) == 3000 and counts["UtteranceMessage"] > 0 and len(counts) >= 6

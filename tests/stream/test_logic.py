@@ -6,9 +6,11 @@ import torch
 
 from model.modeling import EmotionSIModel
 from model.scorer import Scorer
-from stream.contract import validate_event
-from stream.logic import Conversation, StepConfig, event_id, step
-from stream.validate import End, Utterance
+from stream.core.contract import validate_event
+from stream.core.codec import decode_state, encode_state, trajectory_to_dict
+from stream.core.conversation import ConversationConfig, advance_conversations
+from stream.core.events import event_id
+from stream.core.validate import EndMessage, UtteranceMessage
 from tests.conftest import tiny_config
 
 
@@ -20,16 +22,16 @@ def scorer():
 
 def utt(cid, seq, text=None, speaker=None, role=None):
     text = text or f"{cid} says thing number {seq}"
-    return Utterance(cid, seq, speaker or ("cust" if seq % 2 else "agent"), role, text, 100.0 + seq, f"d{cid}{seq}{text}")
+    return UtteranceMessage(cid, seq, speaker or ("cust" if seq % 2 else "agent"), role, text, 100.0 + seq, f"d{cid}{seq}{text}")
 
 
 def run(scorer, convs, items, now=1000.0):
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    cfg = ConversationConfig(scorer.labels, scorer.model_id, scorer.window)
     vecs = np.zeros((len(items), 32), dtype=np.float32)
-    idx = [i for i, x in enumerate(items) if isinstance(x, Utterance)]
+    idx = [i for i, x in enumerate(items) if isinstance(x, UtteranceMessage)]
     if idx:
         vecs[idx] = scorer.encode([items[i].text for i in idx])
-    return step(cfg, scorer.step, convs, items, vecs, now)
+    return advance_conversations(cfg, scorer.step, convs, items, vecs, now)
 
 
 def finals(events):
@@ -37,13 +39,13 @@ def finals(events):
 
 
 def test_event_sequence_for_one_conversation(scorer):
-    convs, out = run(scorer, {"c": None}, [utt("c", i) for i in range(5)] + [End("c", None)])
+    convs, out = run(scorer, {"c": None}, [utt("c", i) for i in range(5)] + [EndMessage("c", None)])
     ev = out.events
     assert [e["seq"] for e in ev if e["status"] == "provisional"] == [0, 1, 2, 3, 4]
     assert finals(ev) == [("c", 0), ("c", 1), ("c", 2), ("c", 3), ("c", 4)]  # L=2 -> 0,1,2 in stream, 3,4 at end
     assert all(set(e["scores"]) == set(scorer.labels) and abs(sum(e["scores"].values()) - 1) < 1e-3 for e in ev)
     assert all("text" not in e for e in ev)  # no transcript text unless configured
-    assert convs["c"].ended and not convs["c"].pending
+    assert convs["c"].ended and not convs["c"].awaiting_final
     for e in ev:
         if e["status"] == "revised":  # a revision changes the label relative to the last one emitted
             earlier = [x for x in ev if x["seq"] == e["seq"] and x["ts_emitted"] <= e["ts_emitted"] and x is not e]
@@ -52,7 +54,7 @@ def test_event_sequence_for_one_conversation(scorer):
 
 def test_batch_split_gives_the_same_events_as_one_batch(scorer):
     """Interleaved conversations, processed in one batch or one message at a time: same final events."""
-    items = [utt("a", 0), utt("b", 0), utt("a", 1), utt("a", 2), utt("b", 1), utt("a", 3), End("a", None), End("b", None)]
+    items = [utt("a", 0), utt("b", 0), utt("a", 1), utt("a", 2), utt("b", 1), utt("a", 3), EndMessage("a", None), EndMessage("b", None)]
     _, whole = run(scorer, {"a": None, "b": None}, items)
     convs, events = {"a": None, "b": None}, []
     for item in items:
@@ -81,16 +83,16 @@ def test_state_lost_midway_flags_a_context_reset(scorer):
 
 
 def test_utterance_after_end_is_rejected(scorer):
-    convs, _ = run(scorer, {"c": None}, [utt("c", 0), End("c", None)])
+    convs, _ = run(scorer, {"c": None}, [utt("c", 0), EndMessage("c", None)])
     _, out = run(scorer, convs, [utt("c", 1)])
     assert [r.error for _, r in out.rejected] == ["conversation_ended"] and not out.events
 
 
 def test_conversation_round_trips_through_bytes(scorer):
     convs, _ = run(scorer, {"c": None}, [utt("c", 0, role="customer"), utt("c", 1)])
-    back = Conversation.from_bytes(convs["c"].to_bytes())
-    assert back.last_seq == 1 and back.pending.keys() == convs["c"].pending.keys()
-    assert back.pending[0].role == "customer" and back.recent == convs["c"].recent
+    back = decode_state(encode_state(convs["c"]))
+    assert back.last_seq == 1 and back.awaiting_final.keys() == convs["c"].awaiting_final.keys()
+    assert back.awaiting_final[0].role == "customer" and back.recent == convs["c"].recent
 
 
 def test_event_ids_are_deterministic_and_distinct():
@@ -100,16 +102,16 @@ def test_event_ids_are_deterministic_and_distinct():
 
 
 def test_text_is_echoed_only_when_configured(scorer):
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, echo_text=True)
+    cfg = ConversationConfig(scorer.labels, scorer.model_id, scorer.window, echo_text=True)
     item = utt("c", 0, text="please call me back")
-    _, out = step(cfg, scorer.step, {"c": None}, [item], scorer.encode([item.text]), 0.0)
+    _, out = advance_conversations(cfg, scorer.step, {"c": None}, [item], scorer.encode([item.text]), 0.0)
     assert out.events[0]["text"] == "please call me back"
     _, out = run(scorer, {"c": None}, [item])
     assert "text" not in out.events[0]
 
 
 def test_end_for_an_unknown_conversation_is_a_no_op(scorer):
-    convs, out = run(scorer, {"ghost": None}, [End("ghost", None)])
+    convs, out = run(scorer, {"ghost": None}, [EndMessage("ghost", None)])
     assert convs == {} and not out.events and not out.summaries and not out.rejected
 
 
@@ -117,42 +119,43 @@ def test_state_size_stops_growing_once_the_caps_are_reached(scorer, monkeypatch)
     """Per-utterance cost must not grow with the conversation: the stored state (read and written
     with every utterance) is the same size at position 700 as at 1,200, alert rules on. (The alert
     list is capped at 10 here instead of 100 so that this cap, too, is reached by position 700.)"""
-    from stream import alerts
-    from stream.alerts import MAX_TRAJECTORY, load_rules
+    from stream.core import monitor
+    from stream.core.rules import load_rules
+    from stream.core.trajectory import MAX_TRAJECTORY
 
-    monkeypatch.setattr(alerts, "MAX_ALERTS", 10)
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, False, load_rules(None, scorer.labels))
+    monkeypatch.setattr(monitor, "MAX_ALERTS", 10)
+    cfg = ConversationConfig(scorer.labels, scorer.model_id, scorer.window, False, load_rules(None, scorer.labels))
     rng = np.random.default_rng(0)
     conv, sizes = None, {}
     for seq in range(1200):
         item = utt("long", seq, text="x", role=("customer", "agent")[seq % 2])
-        new, _ = step(cfg, scorer.step, {"long": conv}, [item], rng.standard_normal((1, 32)).astype(np.float32), 1000.0 + seq)
-        conv = Conversation.from_bytes(new["long"].to_bytes())
+        new, _ = advance_conversations(cfg, scorer.step, {"long": conv}, [item], rng.standard_normal((1, 32)).astype(np.float32), 1000.0 + seq)
+        conv = decode_state(encode_state(new["long"]))
         if seq + 1 in (700, 1200):
-            sizes[seq + 1] = len(new["long"].to_bytes())
+            sizes[seq + 1] = len(encode_state(new["long"]))
     assert len(conv.monitor.trajectory) == MAX_TRAJECTORY and conv.monitor.trajectory_truncated
     assert len(conv.monitor.alerts) == 10 and conv.monitor.alerts_truncated
     assert abs(sizes[1200] - sizes[700]) <= 0.02 * sizes[700], sizes
     # packed: ~22 bytes of JSON per final (a list of objects took ~80)
     import json
 
-    assert len(json.dumps(conv.monitor.trajectory.to_dict())) < 30 * MAX_TRAJECTORY
+    assert len(json.dumps(trajectory_to_dict(conv.monitor.trajectory))) < 30 * MAX_TRAJECTORY
 
 
 def test_idle_flush_keeps_the_conversation_open_and_its_context(scorer):
     """A pause flushes the pending utterances; the conversation goes on with the same context:
     the same final scores as without the pause for every utterance the flush did not cut short,
     one final per utterance, nothing revised after its final."""
-    from stream.logic import on_idle
+    from stream.core.conversation import on_idle
 
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    cfg = ConversationConfig(scorer.labels, scorer.model_id, scorer.window)
     items = [utt("c", i) for i in range(6)]
-    straight, out_straight = run(scorer, {"c": None}, items + [End("c", None)])
+    straight, out_straight = run(scorer, {"c": None}, items + [EndMessage("c", None)])
     convs, out1 = run(scorer, {"c": None}, items[:3])
     convs, flushed = on_idle(cfg, convs, set(), now=1500.0)
-    assert not convs["c"].ended and not convs["c"].pending and not flushed.summaries
+    assert not convs["c"].ended and not convs["c"].awaiting_final and not flushed.summaries
     assert finals(flushed.events) == [("c", 1), ("c", 2)]
-    convs, out2 = run(scorer, convs, items[3:] + [End("c", None)])
+    convs, out2 = run(scorer, convs, items[3:] + [EndMessage("c", None)])
     events = out1.events + flushed.events + out2.events
     assert sorted(finals(events)) == [("c", i) for i in range(6)]
     final_seq = set()
@@ -168,29 +171,29 @@ def test_idle_flush_keeps_the_conversation_open_and_its_context(scorer):
 
 
 def test_abandonment_ends_with_a_summary_and_later_utterances_are_rejected(scorer):
-    from stream.logic import Conversation, on_idle
+    from stream.core.conversation import on_idle
 
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    cfg = ConversationConfig(scorer.labels, scorer.model_id, scorer.window)
     convs, _ = run(scorer, {"c": None}, [utt("c", 0), utt("c", 1)])
     convs, out = on_idle(cfg, convs, {"c"}, now=5000.0)
     assert convs["c"].ended and convs["c"].ended_by == "abandoned"
     assert [s["ended_by"] for s in out.summaries] == ["abandoned"] and sorted(finals(out.events)) == [("c", 0), ("c", 1)]
-    assert Conversation.from_bytes(convs["c"].to_bytes()).ended_by == "abandoned"  # the codec keeps it
+    assert decode_state(encode_state(convs["c"])).ended_by == "abandoned"  # the codec keeps it
     _, later = run(scorer, convs, [utt("c", 2)])
     assert [(i, r.error) for i, r in later.rejected] == [(0, "conversation_ended")]
     assert "abandoned" in later.rejected[0][1].reason
 
 
 def test_event_time_is_stored_per_conversation(scorer):
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window)
+    cfg = ConversationConfig(scorer.labels, scorer.model_id, scorer.window)
     items = [utt("c", 0), utt("c", 1)]
     vecs = scorer.encode([x.text for x in items])
-    convs, _ = step(cfg, scorer.step, {"c": None}, items, vecs, 1000.0, event_ts=[50.0, 60.0])
+    convs, _ = advance_conversations(cfg, scorer.step, {"c": None}, items, vecs, 1000.0, event_ts=[50.0, 60.0])
     assert convs["c"].last_event_ts == 60.0 and convs["c"].last_activity == 1000.0
 
 
 def test_partition_clock_follows_event_time_and_only_idle_wall_time():
-    from stream.logic import PartitionClock
+    from stream.core.conversation import PartitionClock
 
     clock = PartitionClock(100.0, wall_at=1000.0, busy_at=0.0)
     # catching up on a backlog: the worker is busy the whole time, event time is the watermark
@@ -231,9 +234,9 @@ def test_a_gap_waits_for_the_missing_seq_and_is_filled_without_a_flag(scorer):
 
 
 def test_a_gap_not_filled_within_the_wait_is_applied_with_a_gap_flag(scorer):
-    from stream.logic import on_idle
+    from stream.core.conversation import on_idle
 
-    cfg = StepConfig(scorer.labels, scorer.model_id, scorer.window, gap_wait_s=5.0)
+    cfg = ConversationConfig(scorer.labels, scorer.model_id, scorer.window, gap_wait_s=5.0)
     convs, _ = run(scorer, {"g": None}, [utt("g", 0)])
     convs, _ = run(scorer, convs, [utt("g", 2), utt("g", 3)])  # 1 never comes
     assert sorted(convs["g"].held) == [2, 3]
@@ -253,7 +256,7 @@ def test_a_gap_not_filled_within_the_wait_is_applied_with_a_gap_flag(scorer):
 
 def test_an_end_applies_the_held_utterances_first(scorer):
     convs, _ = run(scorer, {"g": None}, [utt("g", 0)])
-    convs, out = run(scorer, convs, [utt("g", 5), End("g", None)])
+    convs, out = run(scorer, convs, [utt("g", 5), EndMessage("g", None)])
     assert sorted(finals(out.events)) == [("g", 0), ("g", 5)] and out.summaries and convs["g"].ended
     assert [e["gap"] for e in out.events if e["seq"] == 5] == [True] * len([e for e in out.events if e["seq"] == 5])
 
@@ -278,7 +281,7 @@ def test_a_state_of_another_model_is_not_continued(scorer):
     torch.manual_seed(6)
     other = Scorer.from_model(EmotionSIModel(tiny_config(lookahead=2, window=4)), "tiny", "2")
     convs, _ = run(scorer, {"m": None}, [utt("m", i) for i in range(4)])  # 2 and 3 pending under tiny@1
-    assert convs["m"].model_id == "tiny@1" and sorted(m.seq for m in convs["m"].pending.values()) == [2, 3]
+    assert convs["m"].model_id == "tiny@1" and sorted(m.seq for m in convs["m"].awaiting_final.values()) == [2, 3]
     convs2, out = run(other, convs, [utt("m", 4)])
     old = [e for e in out.events if e["model"]["version"] == "1"]
     assert [(e["seq"], e["status"]) for e in old] == [(2, "final"), (3, "final")]
@@ -294,9 +297,9 @@ def test_a_state_of_another_model_is_not_continued(scorer):
 
 
 def test_ended_conversations_keep_a_small_tombstone(scorer):
-    convs, _ = run(scorer, {"t": None}, [utt("t", i) for i in range(30)] + [End("t", None)])
+    convs, _ = run(scorer, {"t": None}, [utt("t", i) for i in range(30)] + [EndMessage("t", None)])
     tomb = convs["t"]
-    assert tomb.ended and tomb.dialogue.vectors is None and len(tomb.to_bytes()) < 1500
+    assert tomb.ended and tomb.dialogue.vectors is None and len(encode_state(tomb)) < 1500
     _, out = run(scorer, convs, [utt("t", 3), utt("t", 30)])  # redelivery; then after the end
     assert out.duplicates == [0] and [r.error for _, r in out.rejected] == ["conversation_ended"]
 
@@ -330,7 +333,7 @@ def test_settings_are_checked_together_at_start():
 
 def test_a_model_whose_lookahead_reaches_its_window_is_refused_at_start():
     from stream.settings import Settings
-    from stream.worker import check_model_settings
+    from stream.worker.batch import check_model_settings
 
     class FakeScorer:
         model_id, lookahead, window = "m@1", 4, 4
@@ -342,14 +345,14 @@ def test_a_model_whose_lookahead_reaches_its_window_is_refused_at_start():
 def test_lookahead_zero_still_gets_flushes_and_summaries():
     """Item 11: with L = 0 every utterance is final on arrival; abandonment still ends the
     conversation with its summary and the end message too."""
-    from stream.logic import on_idle
+    from stream.core.conversation import on_idle
 
     torch.manual_seed(5)
     sc = Scorer.from_model(EmotionSIModel(tiny_config(lookahead=0, window=4)), "tiny", "0")
     convs, out = run(sc, {"z": None, "y": None}, [utt("z", 0), utt("z", 1), utt("y", 0)])
     assert sorted(finals(out.events)) == [("y", 0), ("z", 0), ("z", 1)]  # final on arrival
-    cfg = StepConfig(sc.labels, sc.model_id, sc.window)
+    cfg = ConversationConfig(sc.labels, sc.model_id, sc.window)
     changed, idle = on_idle(cfg, convs, {"z"}, 2000.0, sc.step, event_now=5000.0)
     assert [m["conversation_id"] for m in idle.summaries] == ["z"] and changed["z"].ended and "y" not in changed
-    _, out = run(sc, convs, [End("y", None)])
+    _, out = run(sc, convs, [EndMessage("y", None)])
     assert [m["conversation_id"] for m in out.summaries] == ["y"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stream.tools import replay as replay_mod
-from stream.contract import SCHEMAS, load_schema, validate_event
+from stream.core.contract import SCHEMAS, load_schema, validate_event
 from stream.tools.replay import SAMPLE, load_messages
 
 jsonschema = pytest.importorskip("jsonschema")

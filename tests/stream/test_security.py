@@ -127,7 +127,7 @@ def test_unknown_message_types_are_not_quoted_in_logs_or_reasons(stack, caplog):
     import json
     import logging
 
-    from stream.validate import Rejected, parse_message
+    from stream.core.validate import Rejected, parse_message
     from tests.stream.test_state_fencing import _processor
 
     marker = "PRODUCER-TEXT-" + "x" * 5000

@@ -10,8 +10,8 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from stream.logic import Conversation, PartitionClock, UttMeta
-from stream.state_store import StateStore
+from stream.core.conversation import ConversationState, PartitionClock, UttMeta
+from stream.worker.state_store import StateStore
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +20,8 @@ def _store(stack) -> StateStore:
     return StateStore(aioredis.from_url(stack.redis_url), ttl_s=600, prefix=f"em:test-{uuid.uuid4().hex[:8]}")
 
 
-def _open(last_seq: int, ts: float = 100.0) -> Conversation:
-    return Conversation(last_seq=last_seq, last_event_ts=ts, pending={0: UttMeta(last_seq, "s", None, None, ts)})
+def _open(last_seq: int, ts: float = 100.0) -> ConversationState:
+    return ConversationState(last_seq=last_seq, last_event_ts=ts, awaiting_final={0: UttMeta(last_seq, "s", None, None, ts)})
 
 
 def test_a_write_from_a_stale_read_is_fenced_off(stack):
@@ -36,8 +36,8 @@ def test_a_write_from_a_stale_read_is_fenced_off(stack):
             zombie = (await store.load(["c"]))["c"]
             assert mine.version == zombie.version == 1 and mine.partition == 0
             assert await store.save({"c": _open(5)}, {"c": 0}) == {"c"}  # never read: version 0 != 1
-            assert await store.save({"c": Conversation(**{**vars(mine), "last_seq": 7})}, {"c": 0}) == set()
-            refused = await store.save({"c": Conversation(**{**vars(zombie), "last_seq": 3, "ended": True})}, {"c": 0})
+            assert await store.save({"c": ConversationState(**{**vars(mine), "last_seq": 7})}, {"c": 0}) == set()
+            refused = await store.save({"c": ConversationState(**{**vars(zombie), "last_seq": 3, "ended": True})}, {"c": 0})
             assert refused == {"c"}
             now = (await store.load(["c"]))["c"]
             assert (now.last_seq, now.ended, now.version) == (7, False, 2)
@@ -79,7 +79,7 @@ def _processor(stack, app_id, **settings):
 
     from model.modeling import EmotionSIModel
     from stream.settings import Settings
-    from stream.worker import BatchProcessor
+    from stream.worker.batch import BatchProcessor
     from tests.conftest import tiny_config
 
     from model.scorer import Scorer
@@ -114,22 +114,22 @@ def test_one_unprocessable_conversation_does_not_stop_the_idle_timer(stack):
     async def go():
         await proc.process(_msgs("good", [0, 1], 1000.0) + _msgs("poison", [0, 1], 1000.0))
         # the timer runs the model for held utterances only; make "poison" trip the flush instead
-        import stream.logic as logic
+        import stream.core.conversation as conversation
 
-        orig = logic.flush_conversation
+        orig = conversation.flush_conversation
 
         def flush(cfg, cid, conv, now, out):
             if cid == "poison":
                 raise ValueError("injected: a state the timer cannot process")
             return orig(cfg, cid, conv, now, out)
 
-        logic.flush_conversation = flush
+        conversation.flush_conversation = flush
         try:
             proc.clocks[0] = proc.clocks[0].advance(1010.0, proc.clocks[0].wall_at, proc.busy_s)  # 10 s of event time later
             changed = await proc.finalize_idle(0)
             changed_again = await proc.finalize_idle(0)  # the next run does not trip on it again
         finally:
-            logic.flush_conversation = orig
+            conversation.flush_conversation = orig
         keys = [await proc.store.r.exists(proc.store.quarantine_key(c)) for c in ("poison", "good")]
         await proc.store.r.aclose()
         return changed, changed_again, keys

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from stream.validate import End, Rejected, Utterance, parse_message
+from stream.core.validate import EndMessage, Rejected, UtteranceMessage, parse_message
 
 
 def parse(obj, key=b"c1", raw=None):
@@ -15,8 +15,8 @@ GOOD = {"conversation_id": "c1", "seq": 0, "speaker": "cust-1", "role": "custome
 
 def test_good_utterance_and_end():
     u = parse(GOOD)
-    assert isinstance(u, Utterance) and u.seq == 0 and u.role == "customer" and u.ts == 1.5
-    assert isinstance(parse({"type": "end", "conversation_id": "c1"}), End)
+    assert isinstance(u, UtteranceMessage) and u.seq == 0 and u.role == "customer" and u.ts == 1.5
+    assert isinstance(parse({"type": "end", "conversation_id": "c1"}), EndMessage)
     # same content -> same digest; other text -> other digest (redelivery vs regression)
     assert parse(GOOD).digest == u.digest != parse({**GOOD, "text": "bye"}).digest
 
@@ -57,10 +57,10 @@ def test_seq_is_bounded(seq):
 
 
 def test_largest_seq_goes_through_the_alert_trajectory():
-    from stream.alerts import Final, Trajectory
-    from stream.validate import MAX_SEQ
+    from stream.core.trajectory import Final, Trajectory
+    from stream.core.validate import MAX_SEQ
 
     u = parse({**GOOD, "seq": MAX_SEQ})
-    assert isinstance(u, Utterance) and u.seq == MAX_SEQ
+    assert isinstance(u, UtteranceMessage) and u.seq == MAX_SEQ
     t = Trajectory().append(Final(u.seq, u.role, u.speaker, "anger", 0.9))  # 2^63 raised struct.error here
     assert [f.seq for f in t.finals()] == [MAX_SEQ]

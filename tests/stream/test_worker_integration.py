@@ -13,7 +13,7 @@ from model.artifact import load_artifact
 from model.dialogue import Dialogue, Utterance
 from model.offline import score_dialogues
 from model.encoders import load_tokenizer
-from stream.contract import validate_event
+from stream.core.contract import validate_event
 from stream.kafka import create_topics
 from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
 
@@ -224,7 +224,7 @@ def test_fuzzed_garbage_all_lands_in_the_dlq(stack, worker):
     """200 random invalid messages: every one is in the DLQ with a reason, the worker lives on."""
     import random
 
-    from stream.validate import Rejected, parse_message
+    from stream.core.validate import Rejected, parse_message
 
     names, w = worker
     rng = random.Random(99)

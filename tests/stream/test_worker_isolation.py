@@ -13,8 +13,8 @@ import torch
 from model.modeling import EmotionSIModel
 from model.scorer import Scorer
 from stream.settings import Settings
-from stream.state_store import StateStore
-from stream.worker import BatchProcessor
+from stream.worker.state_store import StateStore
+from stream.worker.batch import BatchProcessor
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.integration
@@ -103,7 +103,7 @@ def test_producer_errors_are_classified():
     from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, RecordTooLargeError
     from faust.exceptions import ProducerSendError
 
-    from stream.worker import is_record_error, is_transient
+    from stream.worker.failures import is_record_error, is_transient
 
     def wrapped(exc):
         try:

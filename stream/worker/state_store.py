@@ -1,7 +1,7 @@
 """Redis adapter for conversation state: one round trip to read a batch, one to write it.
 
-Keys: `{prefix}:conv:{conversation_id}` -> Conversation bytes (TTL = idle expiry);
-`{prefix}:idle:{partition}` -> sorted set of open conversations with pending utterances (flush
+Keys: `{prefix}:conv:{conversation_id}` -> conversation state bytes (stream.core.codec; TTL = idle expiry);
+`{prefix}:idle:{partition}` -> sorted set of open conversations with utterances awaiting a final (flush
 candidates), `{prefix}:open:{partition}` -> sorted set of every open conversation (abandonment
 candidates); both scored by the event time (Kafka message timestamp) of the conversation's last
 utterance, so the idle timer of the worker owning the partition finds them without a scan;
@@ -27,7 +27,8 @@ from dataclasses import replace
 import redis.asyncio as aioredis
 import redis.exceptions as rx
 
-from stream.logic import Conversation
+from stream.core.codec import decode_state, encode_state
+from stream.core.conversation import ConversationState
 
 log = logging.getLogger("emotion_monitor.state")
 
@@ -36,7 +37,7 @@ log = logging.getLogger("emotion_monitor.state")
 # worker that must still own the partition ('' = no check: the agent, which Kafka only feeds
 # partitions it owns); then per conversation: member, version read, new bytes, and the idle, open
 # and gap scores ('' = remove from that set). The stored version is the first field of the state's
-# JSON header (Conversation.to_bytes). Returns the members whose write was refused.
+# JSON header (stream.core.codec). Returns the members whose write was refused.
 SAVE_LUA = """
 local ttl, me = ARGV[1], ARGV[2]
 local n = #KEYS
@@ -151,7 +152,7 @@ class StateStore:
     def quarantine_key(self, cid: str) -> str:
         return f"{self.prefix}:quarantine:{cid}"
 
-    async def load(self, cids: Iterable[str]) -> dict[str, Conversation | None]:
+    async def load(self, cids: Iterable[str]) -> dict[str, ConversationState | None]:
         """The states of `cids` (None: no state). A state that cannot be decoded is quarantined
         (moved to the quarantine key, reason logged and counted): its conversation starts over
         (context_reset) instead of failing every batch and timer run that touches it."""
@@ -159,13 +160,13 @@ class StateStore:
         if not cids:
             return {}
         raw = await self.r.mget([self._key(c) for c in cids])
-        out: dict[str, Conversation | None] = {}
+        out: dict[str, ConversationState | None] = {}
         for c, v in zip(cids, raw):
             if v is None:
                 out[c] = None
                 continue
             try:
-                out[c] = Conversation.from_bytes(v)
+                out[c] = decode_state(v)
             except Exception as exc:  # noqa: BLE001 - any undecodable state
                 await self.quarantine(c, f"state_undecodable:{type(exc).__name__}")
                 out[c] = None
@@ -183,7 +184,7 @@ class StateStore:
         if self.on_quarantine is not None:
             self.on_quarantine(reason.split(":", 1)[0])
 
-    async def save(self, convs: dict[str, Conversation], partitions: dict[str, int],
+    async def save(self, convs: dict[str, ConversationState], partitions: dict[str, int],
                    owner: tuple[int, str] | None = None) -> set[str]:
         """Write the states of a batch atomically, each only if its stored version is still the one
         read (compare-and-set), and, with `owner` = (partition, worker), only while that worker is
@@ -197,8 +198,8 @@ class StateStore:
             new = replace(conv, version=conv.version + 1, partition=p)
             keys += [self._key(cid), self._idle_key(p), self._open_key(p), self._gap_key(p)]
             live = not conv.ended
-            args += [cid, conv.version, new.to_bytes(),
-                     conv.last_event_ts if live and conv.pending else "",
+            args += [cid, conv.version, encode_state(new),
+                     conv.last_event_ts if live and conv.awaiting_final else "",
                      conv.last_event_ts if live else "",
                      min(h.event_ts for h in conv.held.values()) if live and conv.held else ""]
         if owner:
@@ -224,12 +225,12 @@ class StateStore:
         return None
 
     async def idle_since(self, partition: int, before: float, limit: int = 256) -> list[str]:
-        """Open conversations with pending utterances whose last utterance is older than `before`."""
+        """Open conversations with utterances awaiting a final whose last utterance is older than `before`."""
         raw = await self.r.zrangebyscore(self._idle_key(partition), "-inf", before, start=0, num=limit)
         return [c.decode() if isinstance(c, bytes) else c for c in raw]
 
     async def open_since(self, partition: int, before: float, limit: int = 256) -> list[str]:
-        """Open conversations (pending or not) whose last utterance is older than `before`."""
+        """Open conversations (awaiting finals or not) whose last utterance is older than `before`."""
         raw = await self.r.zrangebyscore(self._open_key(partition), "-inf", before, start=0, num=limit)
         return [c.decode() if isinstance(c, bytes) else c for c in raw]
 

@@ -1,17 +1,19 @@
-"""The stream's logic as a pure function: `step(state, inputs) -> (state, events)`.
+"""A conversation's logic as pure functions: `advance_conversations(states, inputs) -> (states, outcome)`.
 
-No Kafka, no Redis here: the worker loads the conversations of a batch, calls `step`, publishes
-what it returns and stores the new states. Tests drive it directly.
+No Kafka, no Redis here: the worker loads the conversations of a batch, calls
+`advance_conversations`, publishes what it returns and stores the new states (their bytes:
+stream.core.codec). Tests drive it directly. The model's own step (`model.streaming.step`) is a
+parameter: this module never loads a model.
 
 Event rules (docs/architecture.md), with L the model's lookahead:
 - utterance t arrives -> `provisional` for t (or `final` at once when L = 0);
 - t-1..t-L+1 re-scored -> `revised` for those whose label changed;
 - t-L re-scored with L later utterances -> `final`, exactly once;
-- the conversation goes quiet for `idle_finalize_s` (event time) -> `final` for every pending
-  utterance (`flush`); the conversation stays open and a later utterance continues with the same
+- the conversation goes quiet for `idle_finalize_s` (event time) -> `final` for every utterance
+  awaiting one (`flush`); the conversation stays open and a later utterance continues with the same
   context (utterances already final are never re-scored into events again);
 - end of conversation (control message, or no utterance for `abandon_after_s`) -> `final` for every
-  pending utterance, then the summary.
+  utterance awaiting one, then the summary.
 Delivery: a message with seq <= last applied seq is a redelivery and is not applied again,
 unless its content provably differs (its seq is among the last `window` applied and its digest is
 not the one applied): that is a seq regression and goes to the DLQ.
@@ -20,15 +22,12 @@ missing seqs arrive; after `gap_wait_s` (event time), more than `window` held ut
 conversation's end, the held ones are applied in seq order and the first after each hole carries
 `gap: true`. A skipped seq that arrives after that goes to the DLQ as `seq_late`.
 Model changes (a rolling upgrade): the state records the model that wrote it; another model's
-state is not continued: its pending utterances get their finals under that model's id and scores,
+state is not continued: its utterances awaiting a final get them under that model's id and scores,
 and the new model starts the context over (`context_reset`).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -36,12 +35,17 @@ from typing import Any
 import numpy as np
 
 from model.streaming import DialogueState, Scored, finalize
-from stream.alerts import MonitorState, Rule, on_final, summarize
-from stream.validate import End, Rejected, Utterance
+from stream.core.events import event_id, model_field
+from stream.core.monitor import MonitorState, on_final
+from stream.core.rules import Rule
+from stream.core.summary import summarize
+from stream.core.validate import EndMessage, Rejected, UtteranceMessage
 
 
 @dataclass(frozen=True)
 class UttMeta:
+    """What an utterance keeps until its final event (no text unless text echo is on)."""
+
     seq: int
     speaker: str
     role: str | None
@@ -62,20 +66,14 @@ class Held:
     event_ts: float
     vector: bytes  # float32
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"meta": vars(self.meta), "digest": self.digest, "event_ts": self.event_ts,
-                "vector": base64.b64encode(self.vector).decode()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Held":
-        return cls(UttMeta(**d["meta"]), d["digest"], d["event_ts"], base64.b64decode(d["vector"]))
-
 
 MAX_SKIPPED = 64  # skipped seqs remembered (a late one goes to the DLQ as seq_late)
 
 
 @dataclass(frozen=True)
-class Conversation:
+class ConversationState:
+    """Everything the worker stores for one conversation (stream.core.codec writes it)."""
+
     dialogue: DialogueState = field(default_factory=DialogueState)
     last_seq: int = -1
     ended: bool = False
@@ -85,11 +83,13 @@ class Conversation:
     # is measured against the partition's event-time progress, not the worker's clock.
     last_event_ts: float = 0.0
     ended_by: str | None = None  # "end" or "abandoned" once ended
-    pending: dict[int, UttMeta] = field(default_factory=dict)  # model position -> utterance
+    # Model position -> utterance whose final event is still to come (the model keeps their
+    # latest probabilities in `dialogue.pending`).
+    awaiting_final: dict[int, UttMeta] = field(default_factory=dict)
     recent: dict[int, str] = field(default_factory=dict)  # seq -> content digest (last `window`)
     monitor: MonitorState = field(default_factory=MonitorState)  # alert rules and summary accumulators
     # Who wrote it: the model ("name@version") and its labels (a state of another model is not
-    # continued, its pending utterances are finalised under its own id).
+    # continued, its utterances awaiting a final get it under its own id).
     model_id: str | None = None
     labels: tuple[str, ...] | None = None
     held: dict[int, Held] = field(default_factory=dict)  # seq -> utterance waiting for a missing seq
@@ -100,62 +100,18 @@ class Conversation:
     version: int = 0
     partition: int | None = None
 
-    def to_bytes(self) -> bytes:
-        meta = {
-            "version": self.version,  # first: the store's Lua script reads it with a pattern
-            "partition": self.partition,
-            "last_seq": self.last_seq,
-            "ended": self.ended,
-            "context_reset": self.context_reset,
-            "last_activity": self.last_activity,
-            "last_event_ts": self.last_event_ts,
-            "ended_by": self.ended_by,
-            "model_id": self.model_id,
-            "labels": list(self.labels) if self.labels is not None else None,
-            "pending": {str(p): vars(m) for p, m in self.pending.items()},
-            "recent": {str(s): d for s, d in self.recent.items()},
-            "held": {str(q): h.to_dict() for q, h in self.held.items()},
-            "skipped": list(self.skipped),
-            "monitor": self.monitor.to_dict(),
-        }
-        # json.dumps escapes newlines, so the first b"\n" ends the header.
-        return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + self.dialogue.to_bytes()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "Conversation":
-        head, _, body = data.partition(b"\n")
-        meta = json.loads(head)
-        return cls(
-            dialogue=DialogueState.from_bytes(body),
-            last_seq=meta["last_seq"],
-            ended=meta["ended"],
-            context_reset=meta["context_reset"],
-            last_activity=meta["last_activity"],
-            # states written before these fields existed
-            last_event_ts=meta.get("last_event_ts", meta["last_activity"]),
-            ended_by=meta.get("ended_by", "end" if meta["ended"] else None),
-            pending={int(p): UttMeta(**m) for p, m in meta["pending"].items()},
-            recent={int(s): d for s, d in meta["recent"].items()},
-            monitor=MonitorState.from_dict(meta["monitor"]),
-            model_id=meta.get("model_id"),
-            labels=tuple(meta["labels"]) if meta.get("labels") is not None else None,
-            held={int(q): Held.from_dict(h) for q, h in meta.get("held", {}).items()},
-            skipped=tuple(meta.get("skipped", ())),
-            version=meta.get("version", 0),
-            partition=meta.get("partition"),
-        )
-
-    def tombstone(self) -> "Conversation":
+    def tombstone(self) -> "ConversationState":
         """What an ended conversation keeps for the TTL: enough to recognise redeliveries and late
         utterances (last seq, recent digests, who wrote it, how it ended), not its model state,
-        alert accumulators or pending utterances (a few hundred bytes instead of tens of KB)."""
-        return Conversation(last_seq=self.last_seq, ended=True, ended_by=self.ended_by, context_reset=self.context_reset,
-                            last_activity=self.last_activity, last_event_ts=self.last_event_ts, recent=self.recent,
-                            model_id=self.model_id, skipped=self.skipped, version=self.version, partition=self.partition)
+        alert accumulators or utterances awaiting a final (a few hundred bytes instead of tens of KB)."""
+        return ConversationState(last_seq=self.last_seq, ended=True, ended_by=self.ended_by,
+                                 context_reset=self.context_reset, last_activity=self.last_activity,
+                                 last_event_ts=self.last_event_ts, recent=self.recent, model_id=self.model_id,
+                                 skipped=self.skipped, version=self.version, partition=self.partition)
 
 
 @dataclass(frozen=True)
-class StepConfig:
+class ConversationConfig:
     labels: tuple[str, ...]
     model_id: str  # "name@version", part of every event id
     window: int  # how many recent seqs are remembered for redelivery detection
@@ -176,19 +132,16 @@ class Outcome:
     gaps_skipped: int = 0  # missing seqs given up on (the next utterance's events carry gap: true)
     model_changes: int = 0  # conversations whose state another model wrote (context started over)
 
-
-def event_id(model_id: str, conversation_id: str, seq: int, status: str, horizon_seq: int | None = None) -> str:
-    """Same input, same id: consumers de-duplicate on it after a redelivery."""
-    raw = f"{model_id}\x1f{conversation_id}\x1f{seq}\x1f{status}\x1f{'' if horizon_seq is None else horizon_seq}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-
-def _model(cfg: StepConfig) -> dict[str, str]:
-    name, _, version = cfg.model_id.partition("@")
-    return {"name": name, "version": version}
+    def extend(self, other: "Outcome") -> None:
+        """Add what `other` publishes and counts (the input indexes stay its own)."""
+        for name in ("events", "alerts", "summaries"):
+            getattr(self, name).extend(getattr(other, name))
+        self.gaps_filled += other.gaps_filled
+        self.gaps_skipped += other.gaps_skipped
+        self.model_changes += other.model_changes
 
 
-def _event(cfg: StepConfig, cid: str, conv: Conversation, meta: UttMeta, probs: np.ndarray, status: str,
+def _event(cfg: ConversationConfig, cid: str, conv: ConversationState, meta: UttMeta, probs: np.ndarray, status: str,
            label: str, now: float, horizon_seq: int | None) -> dict[str, Any]:
     ev = {
         "event_id": event_id(cfg.model_id, cid, meta.seq, status, horizon_seq if status == "revised" else None),
@@ -199,7 +152,7 @@ def _event(cfg: StepConfig, cid: str, conv: Conversation, meta: UttMeta, probs: 
         "emotion": label,
         "scores": {lab: round(float(p), 5) for lab, p in zip(cfg.labels, probs)},
         "status": status,
-        "model": _model(cfg),
+        "model": model_field(cfg.model_id),
         "context_reset": conv.context_reset,
         "gap": meta.gap,
         "ts_produced": meta.ts_produced,
@@ -211,25 +164,28 @@ def _event(cfg: StepConfig, cid: str, conv: Conversation, meta: UttMeta, probs: 
     return ev
 
 
-def _emit_scores(cfg: StepConfig, cid: str, conv: Conversation, scored: Sequence[Scored], now: float,
-                 horizon_seq: int, out: Outcome) -> Conversation:
+def _status(s: Scored, meta: UttMeta, label: str, newest: int) -> str | None:
+    """The event a new score makes: final, the first verdict (provisional), a changed label
+    (revised), or none."""
+    if s.final:
+        return "final"
+    if s.position == newest and meta.label is None:
+        return "provisional"
+    return "revised" if label != meta.label else None
+
+
+def _emit_scores(cfg: ConversationConfig, cid: str, conv: ConversationState, scored: Sequence[Scored], now: float,
+                 horizon_seq: int, out: Outcome) -> ConversationState:
     """Turn model scores into events (and final events into alerts); returns the updated conversation."""
-    pending = dict(conv.pending)
+    awaiting = dict(conv.awaiting_final)
     monitor = conv.monitor
     newest = max(s.position for s in scored) if scored else -1
     for s in scored:
-        meta = pending.get(s.position)
+        meta = awaiting.get(s.position)
         if meta is None:  # finalised earlier (cannot happen with a consistent state); nothing to say
             continue
         label = cfg.labels[int(np.argmax(s.probs))]
-        if s.final:
-            status = "final"
-        elif s.position == newest and meta.label is None:
-            status = "provisional"
-        elif label != meta.label:
-            status = "revised"
-        else:
-            status = None
+        status = _status(s, meta, label, newest)
         if status is not None:
             event = _event(cfg, cid, conv, meta, s.probs, status, label, now, horizon_seq)
             out.events.append(event)
@@ -237,50 +193,51 @@ def _emit_scores(cfg: StepConfig, cid: str, conv: Conversation, scored: Sequence
                 monitor, alerts = on_final(cfg.rules, monitor, event, now)
                 out.alerts.extend(alerts)
         if s.final:
-            pending.pop(s.position)
+            awaiting.pop(s.position)
         else:
-            pending[s.position] = replace(meta, label=label)
-    return replace(conv, pending=pending, monitor=monitor)
+            awaiting[s.position] = replace(meta, label=label)
+    return replace(conv, awaiting_final=awaiting, monitor=monitor)
 
 
-def _writer_cfg(cfg: StepConfig, conv: Conversation) -> StepConfig:
-    """The config of the model that wrote `conv`: its pending scores are finalised under its own id
-    (and labels; alert rules only when the labels are the same)."""
+def _writer_cfg(cfg: ConversationConfig, conv: ConversationState) -> ConversationConfig:
+    """The config of the model that wrote `conv`: its scores are finalised under its own id (and
+    labels; alert rules only when the labels are the same)."""
     if conv.model_id is None or conv.model_id == cfg.model_id:
         return cfg
     labels = conv.labels or cfg.labels
     return replace(cfg, model_id=conv.model_id, labels=labels, rules=cfg.rules if labels == cfg.labels else ())
 
 
-def flush_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome) -> Conversation:
-    """A pause (idle timeout): the pending utterances become final with their latest scores; the
+def flush_conversation(cfg: ConversationConfig, cid: str, conv: ConversationState, now: float,
+                       out: Outcome) -> ConversationState:
+    """A pause (idle timeout): the utterances awaiting a final get it with their latest scores; the
     conversation stays open. The model state (window, forward GRU state) is kept, so a later
     utterance continues with the same context. When it arrives the model re-scores the last L + 1
-    positions again; those already final have no `UttMeta` in `pending` any more, so
-    `_emit_scores` says nothing about them: a final is never revised or emitted twice."""
+    positions again; those already final are no longer in `awaiting_final`, so `_emit_scores`
+    says nothing about them: a final is never revised or emitted twice."""
     dialogue, scored = finalize(conv.dialogue)
     conv = replace(conv, dialogue=dialogue)
     return _emit_scores(_writer_cfg(cfg, conv), cid, conv, scored, now, conv.last_seq, out)
 
 
-def end_conversation(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome,
-                     ended_by: str = "end") -> Conversation:
-    """Finalise the pending utterances, publish the conversation's summary, keep a tombstone."""
+def end_conversation(cfg: ConversationConfig, cid: str, conv: ConversationState, now: float, out: Outcome,
+                     ended_by: str = "end") -> ConversationState:
+    """Finalise the utterances awaiting a final, publish the conversation's summary, keep a tombstone."""
     conv = flush_conversation(cfg, cid, conv, now, out)
-    out.summaries.append(summarize(conv.monitor, cid, ended_by, _model(cfg), now))
+    out.summaries.append(summarize(conv.monitor, cid, ended_by, cfg.model_id, now))
     return replace(conv, ended=True, ended_by=ended_by, last_activity=now).tombstone()
 
 
-def on_idle(cfg: StepConfig, conversations: dict[str, Conversation | None], abandoned: set[str] | frozenset[str],
-            now: float, model_step: "StepFn | None" = None, event_now: float | None = None,
-            flush: set[str] | None = None) -> tuple[dict[str, Conversation], Outcome]:
+def on_idle(cfg: ConversationConfig, conversations: dict[str, ConversationState | None],
+            abandoned: set[str] | frozenset[str], now: float, model_step: "ModelStep | None" = None,
+            event_now: float | None = None, flush: set[str] | None = None) -> tuple[dict[str, ConversationState], Outcome]:
     """The idle timer's step: held utterances whose gap wait is over (event time `event_now`) are
     applied (`gap: true`); conversations in `abandoned` (quiet for `abandon_after_s`) end with
     their summary (ended_by "abandoned"); the others (quiet for `idle_finalize_s`) are flushed and
     stay open (only those in `flush` when given: the others came for their held utterances).
     Returns the conversations that changed and what to publish."""
     out = Outcome()
-    changed: dict[str, Conversation] = {}
+    changed: dict[str, ConversationState] = {}
     due = {}
     for cid, conv in conversations.items():
         if conv is None or conv.ended or not conv.held:
@@ -289,7 +246,8 @@ def on_idle(cfg: StepConfig, conversations: dict[str, Conversation | None], aban
         if cid in abandoned or event_now is None or oldest <= event_now - cfg.gap_wait_s:
             due[cid] = conv
     if due and model_step is not None:
-        released, out = _run(cfg, model_step, due, {cid: [_RELEASE] for cid in due}, np.zeros((0, 0), np.float32), now, None)
+        no_inputs = _Inputs((), np.zeros((0, 0), np.float32), None)
+        released, out = _run_rounds(cfg, model_step, due, {cid: [_RELEASE] for cid in due}, no_inputs, now)
         changed.update(released)
     for cid, conv in conversations.items():
         conv = changed.get(cid, conv)
@@ -297,7 +255,7 @@ def on_idle(cfg: StepConfig, conversations: dict[str, Conversation | None], aban
             continue
         if cid in abandoned:
             changed[cid] = end_conversation(cfg, cid, conv, now, out, ended_by="abandoned")
-        elif conv.pending and (flush is None or cid in flush) and cid not in due:
+        elif conv.awaiting_final and (flush is None or cid in flush) and cid not in due:
             changed[cid] = flush_conversation(cfg, cid, conv, now, out)
     return changed, out
 
@@ -327,20 +285,20 @@ class PartitionClock:
         return self.watermark + max(0.0, waited)
 
 
-StepFn = Callable[[list[DialogueState], np.ndarray, list[str]], tuple[list[DialogueState], list[list[Scored]]]]
+ModelStep = Callable[[list[DialogueState], np.ndarray, list[str]], tuple[list[DialogueState], list[list[Scored]]]]
 
 _RELEASE = "release"  # queue item: apply every held utterance now (gap wait over, end, too many held)
 
 
-def step(
-    cfg: StepConfig,
-    model_step: StepFn,
-    conversations: dict[str, Conversation | None],
-    inputs: Sequence[Utterance | End],
-    vectors: np.ndarray,  # (len(inputs), D): the utterance vectors (rows of End inputs are unused)
+def advance_conversations(
+    cfg: ConversationConfig,
+    model_step: ModelStep,
+    conversations: dict[str, ConversationState | None],
+    inputs: Sequence[UtteranceMessage | EndMessage],
+    vectors: np.ndarray,  # (len(inputs), D): the utterance vectors (rows of EndMessage inputs are unused)
     now: float,
     event_ts: Sequence[float] | None = None,  # per input: its Kafka message timestamp (default: now)
-) -> tuple[dict[str, Conversation], Outcome]:
+) -> tuple[dict[str, ConversationState], Outcome]:
     """Apply a batch of validated inputs in order per conversation.
 
     `model_step` is `model.streaming.step` bound to a model: it advances several conversations
@@ -351,108 +309,150 @@ def step(
     queues: dict[str, list] = {}
     for i, item in enumerate(inputs):
         queues.setdefault(item.conversation_id, []).append(i)
-    return _run(cfg, model_step, dict(conversations), queues, vectors, now, [inputs, event_ts], Outcome())
+    return _run_rounds(cfg, model_step, dict(conversations), queues, _Inputs(inputs, vectors, event_ts), now)
 
 
-def _run(cfg, model_step, convs, queues, vectors, now, source, out: Outcome | None = None):
-    """The round loop behind `step` and the timer's gap release. A queue holds input indexes and
-    `_RELEASE`; applying seq s puts held seq s + 1 at the head of its conversation's queue."""
+@dataclass(frozen=True)
+class _Inputs:
+    """A batch's validated inputs with their vectors and Kafka timestamps (None: now)."""
+
+    items: Sequence[UtteranceMessage | EndMessage]
+    vectors: np.ndarray
+    event_ts: Sequence[float] | None
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """An utterance the model steps in this round."""
+
+    cid: str
+    meta: UttMeta
+    digest: str
+    event_ts: float
+    vector: np.ndarray
+
+
+def _run_rounds(cfg, model_step, convs, queues, inputs: _Inputs, now, out: Outcome | None = None):
+    """The round loop behind `advance_conversations` and the timer's gap release. A queue holds
+    input indexes and `_RELEASE`; applying seq s puts held seq s + 1 at the head of its
+    conversation's queue."""
     out = out or Outcome()
-    inputs, event_ts = source if source is not None else ((), None)
     queues = {cid: list(q) for cid, q in queues.items()}
     while any(queues.values()):
-        batch: list[tuple[str, UttMeta, str, float, np.ndarray, int | None]] = []
+        ready = []
         for cid, q in queues.items():
-            if not q:
-                continue
-            work = q.pop(0)
-            conv = convs.get(cid)
-            if conv is not None and not conv.ended and conv.model_id not in (None, cfg.model_id):
-                conv = convs[cid] = _restart_for_model(cfg, cid, conv, now, out)
-            if work == _RELEASE or isinstance(work, tuple):
-                if conv is None or conv.ended or not conv.held or (work != _RELEASE and work[1] not in conv.held):
-                    continue
-                seq = min(conv.held) if work == _RELEASE else work[1]
-                held = conv.held[seq]
-                rest = {k: v for k, v in conv.held.items() if k != seq}
-                gap = seq != conv.last_seq + 1
-                if gap:
-                    skipped = tuple(range(conv.last_seq + 1, seq))
-                    out.gaps_skipped += len(skipped)
-                    conv = replace(conv, skipped=(conv.skipped + skipped[-MAX_SKIPPED:])[-MAX_SKIPPED:])
-                convs[cid] = replace(conv, held=rest)
-                if work == _RELEASE and rest:
-                    q.insert(0, _RELEASE)  # the rest after this one, in seq order
-                batch.append((cid, replace(held.meta, gap=gap, ts_received=held.meta.ts_received), held.digest,
-                              held.event_ts, np.frombuffer(held.vector, dtype=np.float32), None))
-                continue
-            i = work
-            item = inputs[i]
-            if isinstance(item, End):
-                if conv is None or conv.ended:
-                    continue  # nothing pending: an end for an unknown or ended conversation is a no-op
-                if conv.held:  # the missing seqs will not come: apply the held ones first
-                    q[:0] = [_RELEASE, i]
-                    continue
-                convs[cid] = end_conversation(cfg, cid, conv, now, out)
-                continue
-            verdict = _admit(conv, item)
-            if verdict == "duplicate":
-                out.duplicates.append(i)
-                continue
-            if isinstance(verdict, Rejected):
-                out.rejected.append((i, verdict))
-                continue
-            ts = now if event_ts is None else event_ts[i]
-            meta = UttMeta(item.seq, item.speaker, item.role, item.ts, now, text=item.text if cfg.echo_text else None)
-            if verdict == "hold":
-                held = {**conv.held, item.seq: Held(meta, item.digest, ts, np.asarray(vectors[i], np.float32).tobytes())}
-                convs[cid] = replace(conv, held=held)
-                if len(held) > cfg.window:  # bounded: do not wait for more than a window's worth
-                    q.insert(0, _RELEASE)
-                continue
-            if conv is not None and conv.held and item.seq in range(conv.last_seq + 1, min(conv.held)):
-                out.gaps_filled += 1
-            batch.append((cid, meta, item.digest, ts, vectors[i], i))
-        if not batch:
-            continue
-        states = []
-        for cid, meta, *_ in batch:
-            conv = convs.get(cid)
-            if conv is None:
-                # No state: a new conversation, or its state was lost (Redis flushed, TTL):
-                # start over and flag the events unless this is its first utterance.
-                conv = Conversation(context_reset=meta.seq > 0)
-            convs[cid] = conv
-            states.append(conv.dialogue)
-        speakers = [meta.speaker for _, meta, *_ in batch]
-        new_states, scored = model_step(states, np.stack([np.asarray(v, np.float32) for *_, v, _ in batch]), speakers)
-        for (cid, meta, digest, ts, _, _), dialogue, sc in zip(batch, new_states, scored):
-            conv = convs[cid]
-            position = dialogue.seen - 1
-            recent = {s: d for s, d in conv.recent.items() if s > meta.seq - cfg.window}
-            recent[meta.seq] = digest
-            conv = replace(conv, dialogue=dialogue, last_seq=meta.seq, last_activity=now, model_id=cfg.model_id,
-                           labels=tuple(cfg.labels), last_event_ts=max(conv.last_event_ts, ts),
-                           pending={**conv.pending, position: meta}, recent=recent)
-            convs[cid] = _emit_scores(cfg, cid, conv, sc, now, meta.seq, out)
-            if meta.seq + 1 in conv.held:  # the hole before it is filled: the held one follows
-                queues.setdefault(cid, []).insert(0, ("held", meta.seq + 1))
+            r = _next_ready(cfg, cid, q, convs, inputs, now, out) if q else None
+            if r is not None:
+                ready.append(r)
+        if ready:
+            _step_round(cfg, model_step, ready, convs, queues, now, out)
     # Conversations still without state (an `end` for an unknown one, say) have nothing to store.
     return {cid: c for cid, c in convs.items() if c is not None}, out
 
 
-def _restart_for_model(cfg: StepConfig, cid: str, conv: Conversation, now: float, out: Outcome) -> Conversation:
+def _next_ready(cfg, cid: str, queue: list, convs, inputs: _Inputs, now: float, out: Outcome) -> _Ready | None:
+    """Take the head of a conversation's queue: None when it needs no model step this round."""
+    work = queue.pop(0)
+    conv = convs.get(cid)
+    if conv is not None and not conv.ended and conv.model_id not in (None, cfg.model_id):
+        conv = convs[cid] = _restart_for_model(cfg, cid, conv, now, out)
+    if work == _RELEASE or isinstance(work, tuple):
+        return _take_held(cid, work, queue, convs, conv, out)
+    return _take_input(cfg, cid, work, queue, convs, conv, inputs, now, out)
+
+
+def _take_held(cid: str, work, queue: list, convs, conv: ConversationState | None, out: Outcome) -> _Ready | None:
+    """The next held utterance (`_RELEASE`: the oldest, and the rest after it; ("held", seq): that one)."""
+    if conv is None or conv.ended or not conv.held or (work != _RELEASE and work[1] not in conv.held):
+        return None
+    seq = min(conv.held) if work == _RELEASE else work[1]
+    held = conv.held[seq]
+    rest = {k: v for k, v in conv.held.items() if k != seq}
+    gap = seq != conv.last_seq + 1
+    if gap:
+        skipped = tuple(range(conv.last_seq + 1, seq))
+        out.gaps_skipped += len(skipped)
+        conv = replace(conv, skipped=(conv.skipped + skipped[-MAX_SKIPPED:])[-MAX_SKIPPED:])
+    convs[cid] = replace(conv, held=rest)
+    if work == _RELEASE and rest:
+        queue.insert(0, _RELEASE)  # the rest after this one, in seq order
+    return _Ready(cid, replace(held.meta, gap=gap), held.digest, held.event_ts, np.frombuffer(held.vector, dtype=np.float32))
+
+
+def _take_input(cfg, cid: str, i: int, queue: list, convs, conv: ConversationState | None, inputs: _Inputs,
+                now: float, out: Outcome) -> _Ready | None:
+    """Input i: an end, a redelivery, a rejection, an utterance to hold for a missing seq, or one to step."""
+    item = inputs.items[i]
+    if isinstance(item, EndMessage):
+        if conv is None or conv.ended:
+            return None  # nothing pending: an end for an unknown or ended conversation is a no-op
+        if conv.held:  # the missing seqs will not come: apply the held ones first
+            queue[:0] = [_RELEASE, i]
+            return None
+        convs[cid] = end_conversation(cfg, cid, conv, now, out)
+        return None
+    verdict = _admit(conv, item)
+    if verdict == "duplicate":
+        out.duplicates.append(i)
+        return None
+    if isinstance(verdict, Rejected):
+        out.rejected.append((i, verdict))
+        return None
+    ts = now if inputs.event_ts is None else inputs.event_ts[i]
+    meta = UttMeta(item.seq, item.speaker, item.role, item.ts, now, text=item.text if cfg.echo_text else None)
+    if verdict == "hold":
+        held = {**conv.held, item.seq: Held(meta, item.digest, ts, np.asarray(inputs.vectors[i], np.float32).tobytes())}
+        convs[cid] = replace(conv, held=held)
+        if len(held) > cfg.window:  # bounded: do not wait for more than a window's worth
+            queue.insert(0, _RELEASE)
+        return None
+    if conv is not None and conv.held and item.seq in range(conv.last_seq + 1, min(conv.held)):
+        out.gaps_filled += 1
+    return _Ready(cid, meta, item.digest, ts, inputs.vectors[i])
+
+
+def _step_round(cfg, model_step: ModelStep, ready: list[_Ready], convs, queues, now: float, out: Outcome) -> None:
+    """One model step for the round's utterances (one per conversation), then their events."""
+    states = []
+    for r in ready:
+        # No state: a new conversation, or its state was lost (Redis flushed, TTL): start over and
+        # flag the events unless this is its first utterance.
+        conv = convs.get(r.cid) or ConversationState(context_reset=r.meta.seq > 0)
+        convs[r.cid] = conv
+        states.append(conv.dialogue)
+    vectors = np.stack([np.asarray(r.vector, np.float32) for r in ready])
+    new_states, scored = model_step(states, vectors, [r.meta.speaker for r in ready])
+    for r, dialogue, sc in zip(ready, new_states, scored):
+        conv = _applied(cfg, convs[r.cid], r, dialogue, now)
+        convs[r.cid] = _emit_scores(cfg, r.cid, conv, sc, now, r.meta.seq, out)
+        if r.meta.seq + 1 in conv.held:  # the hole before it is filled: the held one follows
+            queues.setdefault(r.cid, []).insert(0, ("held", r.meta.seq + 1))
+
+
+def _applied(cfg: ConversationConfig, conv: ConversationState, r: _Ready, dialogue: DialogueState,
+             now: float) -> ConversationState:
+    """The conversation after the model stepped utterance `r` (its events not yet emitted)."""
+    recent = {s: d for s, d in conv.recent.items() if s > r.meta.seq - cfg.window}
+    recent[r.meta.seq] = r.digest
+    return replace(conv, dialogue=dialogue, last_seq=r.meta.seq, last_activity=now, model_id=cfg.model_id,
+                   labels=tuple(cfg.labels), last_event_ts=max(conv.last_event_ts, r.event_ts),
+                   awaiting_final={**conv.awaiting_final, dialogue.seen - 1: r.meta}, recent=recent)
+
+
+def _restart_for_model(cfg: ConversationConfig, cid: str, conv: ConversationState, now: float,
+                       out: Outcome) -> ConversationState:
     """Another model wrote this state (a rolling upgrade): its GRU state and vectors mean nothing to
-    this model. Its pending utterances get their finals under its own id and scores; the context
+    this model. Its utterances awaiting a final get them under its own id and scores; the context
     starts over (`context_reset`); seq bookkeeping, held utterances and the summary carry on."""
     conv = flush_conversation(cfg, cid, conv, now, out)
     out.model_changes += 1
-    return replace(conv, dialogue=DialogueState(), pending={}, context_reset=True, model_id=cfg.model_id,
+    return replace(conv, dialogue=DialogueState(), awaiting_final={}, context_reset=True, model_id=cfg.model_id,
                    labels=tuple(cfg.labels))
 
 
-def _admit(conv: Conversation | None, item: Utterance) -> str | Rejected:
+def _admit(conv: ConversationState | None, item: UtteranceMessage) -> str | Rejected:
+    """What to do with an utterance: apply it, hold it (a seq before it is missing), skip it (a
+    duplicate, i.e. a redelivery), or reject it (Rejected says why)."""
     if conv is None:
         return "apply"
     if item.seq <= conv.last_seq:

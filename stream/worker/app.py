@@ -1,0 +1,200 @@
+"""The faust side of the worker: the app, its agent, its timers and web pages (a thin adapter
+around stream.worker.batch.BatchProcessor).
+
+The app's worker consumer takes its fetch wait from our settings: faust 0.15.3 builds the worker's AIOKafkaConsumer with the literal `fetch_max_wait_ms=1500`
+(faust/transport/drivers/aiokafka.py). A real Kafka broker answers a fetch as soon as data
+arrives, but Tansu (the embedded broker) waits out the whole interval: produce->event latency was
+~625 ms. Subclassing the consumer thread is the narrowest fix: the consumer faust builds is
+kept whole, only its fetch wait is replaced before aiokafka creates its fetcher (at start()).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from stream.settings import Settings
+from stream.worker.batch import BatchProcessor
+from stream.worker.state_store import StateStore
+
+log = logging.getLogger("emotion_monitor.worker")
+
+
+class _FetchTunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any):
+        consumer = super()._create_worker_consumer(transport)
+        wait = getattr(self.app, "fetch_max_wait_ms", None)
+        if wait is not None:
+            if not hasattr(consumer, "_fetch_max_wait_ms"):  # aiokafka changed: fail loudly, not slowly
+                raise RuntimeError("aiokafka no longer has AIOKafkaConsumer._fetch_max_wait_ms; update stream/worker/app.py")
+            consumer._fetch_max_wait_ms = int(wait)
+        return consumer
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _FetchTunedConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
+
+
+class MonitorApp(faust.App):
+    """faust.App with `fetch_max_wait_ms` honoured by the worker consumer (kafka:// URLs)."""
+
+    def __init__(self, *args: Any, fetch_max_wait_ms: int | None = None, **kwargs: Any):
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        super().__init__(*args, **kwargs)
+
+    def _new_transport(self):
+        url = str(self.conf.broker_consumer[0])
+        if url.startswith(("kafka://", "aiokafka://")):
+            return _Transport(self.conf.broker_consumer, self)
+        return super()._new_transport()
+
+
+def make_app(settings) -> MonitorApp:
+    """The app every worker of this project runs (the monitor, the bench's passthrough), built from
+    one Settings object: broker, fetch wait, group timeouts, acks, web port, credentials."""
+    import tempfile
+    from pathlib import Path
+
+    from stream.kafka import faust_credentials
+
+    # faust writes a data folder per app id; with no tables it holds nothing worth keeping, so it
+    # stays out of the working directory.
+    datadir = Path(tempfile.gettempdir()) / "emotion-monitor" / settings.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
+    return MonitorApp(
+        settings.app_id,
+        broker=settings.broker_list,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        producer_acks=-1,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        broker_credentials=faust_credentials(settings),
+        autodiscover=False,
+        store="memory://",
+        datadir=str(datadir),
+    )
+
+
+def build_app(settings: Settings, scorer) -> MonitorApp:
+    """The worker's faust app: its agent, idle timer and web pages around one BatchProcessor."""
+    app = make_app(settings)
+    store = _state_store(settings)
+    topics = {name: app.topic(name, partitions=settings.partitions)
+              for name in (settings.emotions_topic, settings.alerts_topic, settings.summaries_topic, settings.dlq_topic)}
+
+    async def publish(topic: str, key: bytes | None, value: bytes):
+        # Returns the ack future: awaiting send() itself only queues, in call order.
+        return await topics[topic].send(key=key, value=value)
+
+    processor = BatchProcessor(settings, scorer, store, publish)
+    app.processor = processor  # for tests and metrics
+    processor.owns = lambda p: p in _assigned(app, settings)
+    _add_agent(app, settings, processor)
+    _add_timers(app, settings, processor)
+    _add_pages(app, settings, processor, scorer)
+    return app
+
+
+def _state_store(settings: Settings) -> StateStore:
+    import redis.asyncio as aioredis
+
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    client = aioredis.from_url(settings.redis_url, password=password, socket_connect_timeout=5, socket_timeout=10)
+    # Keys are namespaced by app id: two deployments (say a MELD and an EmoryNLP model) can share
+    # one Redis without one's idle timer finalising the other's conversations. Redis Cluster: not supported.
+    return StateStore(client, settings.state_ttl_s, prefix=f"em:{settings.app_id}")
+
+
+def _assigned(app: MonitorApp, settings: Settings) -> set[int]:
+    """The partitions of the utterances topic this worker holds now."""
+    return {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.utterances_topic}
+
+
+def _add_agent(app: MonitorApp, settings: Settings, processor: BatchProcessor) -> None:
+    source = app.topic(settings.utterances_topic, partitions=settings.partitions)
+
+    @app.agent(source, concurrency=1)
+    async def monitor(stream):
+        async for batch in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000.0):
+            msgs = [(e.message.key, e.message.value, e.message.partition, e.message.offset, e.message.timestamp)
+                    for e in batch]
+            try:
+                await processor.process(msgs)
+            except Exception:
+                # Redis or broker trouble: log without payloads and let faust crash the agent,
+                # so the batch is redelivered (offsets are not committed past it).
+                log.exception("batch of %d messages failed", len(msgs))
+                raise
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender, assigned, **kwargs) -> None:
+        mine = {tp.partition for tp in assigned if tp.topic == settings.utterances_topic}
+        try:
+            await processor.assigned(mine)
+        except Exception as exc:  # noqa: BLE001 - never fail the rebalance; the timer re-checks
+            log.error("could not record the ownership of partitions %s (%s)", sorted(mine), type(exc).__name__)
+
+
+def _add_timers(app: MonitorApp, settings: Settings, processor: BatchProcessor) -> None:
+    # Also the gap wait's timer (at least every gap_wait / 2), whatever the lookahead: with
+    # lookahead 0 nothing awaits a final, but conversations are still abandoned with their summary.
+    @app.timer(interval=max(0.25, min(settings.idle_finalize_s / 4, settings.gap_wait / 2 or 0.25)))
+    async def finalize_idle() -> None:
+        assigned = _assigned(app, settings)
+        processor.owned(assigned)
+        for p in sorted(assigned):
+            try:
+                await processor.finalize_idle(p)
+            except Exception as exc:  # noqa: BLE001 - the timer must never crash the app
+                log.error("idle timer on partition %s failed (%s); retried at its next run", p, type(exc).__name__)
+                log.debug("traceback of the idle timer failure", exc_info=True)
+
+    @app.timer(interval=30.0)
+    async def report() -> None:
+        totals = processor.metrics.totals()
+        if totals:
+            log.info("counts: %s", totals)
+
+
+def _add_pages(app: MonitorApp, settings: Settings, processor: BatchProcessor, scorer) -> None:
+    @app.page("/metrics")
+    async def metrics(web, request):
+        # Prometheus' text format; aiohttp refuses a charset inside content_type (UTF-8 is the default).
+        return web.bytes(processor.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/healthz")
+    async def healthz(web, request):
+        # Liveness: the event loop answers (a wedged loop would not).
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web, request):
+        # Readiness: the model is loaded (it is, before faust starts), Redis answers, and this
+        # worker holds partitions of the utterances topic.
+        assigned = sorted(_assigned(app, settings))
+        refused = None
+        try:
+            redis_ok = bool(await processor.store.r.ping())
+            # Redis may answer and still refuse writes (OOM with noeviction, a read-only replica).
+            refused = processor.redis_refusing or await processor.store.probe_write()
+        except Exception:  # noqa: BLE001 - any Redis failure means not ready
+            redis_ok = False
+        ready = redis_ok and refused is None and bool(assigned)
+        return web.json({"ready": ready, "redis": redis_ok, "redis_writes": "ok" if refused is None else f"refused ({refused})",
+                         "partitions": assigned, "model": scorer.model_id},
+                        status=200 if ready else 503)
