@@ -72,7 +72,7 @@ def decode_state(data: bytes) -> ConversationState:
 
 
 def _held_to_dict(h: Held) -> dict[str, Any]:
-    return {"meta": vars(h.meta), "digest": h.digest, "event_ts": h.event_ts, "vector": base64.b64encode(h.vector).decode()}
+    return {"meta": vars(h.meta), "digest": h.digest, "event_ts": h.event_ts, "vector": base64.b64encode(h.vector_bytes).decode()}
 
 
 def _held_from_dict(d: dict[str, Any]) -> Held:

@@ -64,7 +64,7 @@ class Held:
     meta: UttMeta
     digest: str
     event_ts: float
-    vector: bytes  # float32
+    vector_bytes: bytes  # float32
 
 
 MAX_SKIPPED = 64  # skipped seqs remembered (a late one goes to the DLQ as seq_late)
@@ -376,7 +376,7 @@ def _take_held(cid: str, work, queue: list, convs, conv: ConversationState | Non
     convs[cid] = replace(conv, held=rest)
     if work == _RELEASE and rest:
         queue.insert(0, _RELEASE)  # the rest after this one, in seq order
-    return _Ready(cid, replace(held.meta, gap=gap), held.digest, held.event_ts, np.frombuffer(held.vector, dtype=np.float32))
+    return _Ready(cid, replace(held.meta, gap=gap), held.digest, held.event_ts, np.frombuffer(held.vector_bytes, dtype=np.float32))
 
 
 def _take_input(cfg, cid: str, i: int, queue: list, convs, conv: ConversationState | None, inputs: _Inputs,

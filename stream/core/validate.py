@@ -65,7 +65,7 @@ def parse_message(
     if kind != "utterance":
         # Not quoted: the producer's value could be anything up to the message size limit.
         return Rejected("wrong_type", "unknown message type: use 'utterance' (default) or 'end' in 'type'")
-    return _utterance(obj, cid, ts, max_text_chars)
+    return _parse_utterance(obj, cid, ts, max_text_chars)
 
 
 def _json_object(value: bytes | None, max_message_bytes: int) -> dict | Rejected:
@@ -103,7 +103,7 @@ def _conversation_id(obj: dict, key: bytes | None) -> str | Rejected:
     return cid
 
 
-def _utterance(obj: dict, cid: str, ts: float | None, max_text_chars: int) -> UtteranceMessage | Rejected:
+def _parse_utterance(obj: dict, cid: str, ts: float | None, max_text_chars: int) -> UtteranceMessage | Rejected:
     for name in ("seq", "speaker", "text"):
         if name not in obj or obj[name] is None:
             return Rejected("missing_field", f"missing field {name!r}")

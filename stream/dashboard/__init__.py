@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from stream.dashboard.state import NEGATIVE_EMOTIONS, BoardState
+from stream.dashboard.state import BoardState
 
-__all__ = ["BoardState", "NEGATIVE_EMOTIONS", "add_dashboard", "run_dashboard", "run_dashboard_cmd"]
+__all__ = ["BoardState", "add_dashboard", "run_dashboard", "run_dashboard_cmd"]
 
 
 def __getattr__(name):  # aiohttp/aiokafka (~0.2 s) are imported only when the server is wanted

@@ -100,7 +100,7 @@ class DashboardServer:
         self.settings = settings
         self.host = host or settings.dashboard_host
         self.port = settings.dashboard_port if port is None else port
-        self.state = state or BoardState()
+        self.state = state or BoardState(rules_path=settings.rules_path)
         self.consume = consume
         self.idle_evict_s = idle_evict_s
         self.topics = {settings.emotions_topic: "emotions", settings.alerts_topic: "alerts",

@@ -13,6 +13,10 @@ Fed by the three output topics of the monitor:
 Each ``apply_*`` method returns a list of *deltas* (small JSON-able dicts) that the server forwards
 to the browsers over server-sent events; :meth:`BoardState.snapshot` gives the whole board.
 
+Risk is the core's formula over the alert rules file (stream.core.risk), the same that gives the
+summaries their `risk`: a board reads the rules for the labels its events carry (their `scores`
+keys; `EMOTION_MONITOR_RULES_PATH` when set), so its ranking agrees with the monitor's alerts.
+
 Memory is bounded: at most ``max_conversations`` active conversations (the least recently active
 one is evicted when a new one arrives), ``max_utterances`` cells per conversation (oldest seqs
 dropped), ``max_alerts`` in the feed, ``max_alerts_per_conversation`` and ``max_ended`` ended ones.
@@ -26,17 +30,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-# MELD (anger, disgust, sadness, fear) and EmoryNLP (Mad, Sad, Scared) negative labels, lower case.
-NEGATIVE_EMOTIONS = frozenset({"anger", "disgust", "sadness", "fear", "mad", "sad", "scared"})
+from stream.core.risk import negative_emotions, negative_shares, risk_score
+from stream.core.rules import Rule, default_rules_path, load_rules
+
 STATUS_RANK = {"provisional": 0, "revised": 1, "final": 2}
 SEVERITY_RANK = {"info": 1, "warning": 2, "critical": 3}
-# Risk = weighted open alerts, then the negative share. The weights keep the order lexicographic:
-# any open critical alert outranks any number (< 10) of warnings, any warning outranks any share.
-SEVERITY_WEIGHT = {"critical": 1000.0, "warning": 100.0, "info": 10.0}
-NEGATIVE_WEIGHT = 9.0
-RECENT_FINALS = 5
+ELEVATED_SHARE = 0.4  # a negative share from which a conversation without open alerts is "elevated"
 
 
 def _str(value: Any, limit: int = 200) -> str | None:
@@ -54,7 +56,7 @@ def _num(value: Any) -> float | None:
     return f if f == f and f not in (float("inf"), float("-inf")) else None
 
 
-def _int(value: Any) -> int | None:
+def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -64,7 +66,7 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def _model(value: Any) -> dict | None:
+def _clean_model(value: Any) -> dict | None:
     if isinstance(value, dict):
         return {"name": _str(value.get("name"), 64), "version": _str(value.get("version"), 64)}
     return None
@@ -78,15 +80,17 @@ class Cell:
     emotion: str
     score: float | None
     status: str
-    ts: float | None  # ts_emitted of the event that set it
+    ts_emitted: float | None  # of the event that set it
 
     def to_json(self) -> dict:
         return {"seq": self.seq, "speaker": self.speaker, "role": self.role, "emotion": self.emotion,
-                "score": self.score, "status": self.status, "ts": self.ts}
+                "score": self.score, "status": self.status, "ts": self.ts_emitted}
 
 
 @dataclass
-class Conversation:
+class BoardConversation:
+    """One conversation as the board shows it (the worker's state is stream.core.conversation's)."""
+
     conversation_id: str
     first_seen: float
     last_seen: float
@@ -97,23 +101,16 @@ class Conversation:
     ended_by: str | None = None
     ended_at: float | None = None
     model: dict | None = None
-    last_seq: int | None = None   # seq of the most recently *updated* cell
+    last_updated_seq: int | None = None   # seq of the most recently *updated* cell
     dropped_cells: int = 0
+    rules: tuple[Rule, ...] = ()  # the alert rules for this conversation's labels (risk)
 
     # ---- derived ---------------------------------------------------------------------------
     def negative_share(self) -> float:
-        """Share of negative finals among the customer's last 5 finals (all speakers when the
-        conversation has no customer role)."""
-        finals = [c for c in self.cells.values() if c.status == "final"]
-        customer = [c for c in finals if (c.role or "").lower() == "customer"]
-        pool = customer if customer or self._has_customer() else finals
-        recent = sorted(pool, key=lambda c: c.seq)[-RECENT_FINALS:]
-        if not recent:
-            return 0.0
-        return sum(c.emotion.lower() in NEGATIVE_EMOTIONS for c in recent) / len(recent)
-
-    def _has_customer(self) -> bool:
-        return any((c.role or "").lower() == "customer" for c in self.cells.values())
+        """The largest share of negative finals among the last finals of a group the rules watch
+        (stream.core.risk)."""
+        finals = [(c.role, c.speaker or "", c.emotion) for _, c in sorted(self.cells.items()) if c.status == "final"]
+        return max(negative_shares(self.rules, finals).values(), default=0.0)
 
     def open_by_severity(self) -> dict[str, int]:
         counts = {"critical": 0, "warning": 0, "info": 0}
@@ -124,9 +121,8 @@ class Conversation:
         return counts
 
     def risk(self) -> float:
-        counts = self.open_by_severity()
-        return (sum(SEVERITY_WEIGHT[s] * min(n, 9) for s, n in counts.items())
-                + NEGATIVE_WEIGHT * self.negative_share())
+        """stream.core.risk's formula: the summaries' `risk` for the same finals and open alerts."""
+        return risk_score([self.negative_share()], [a.get("severity") for a in self.open_alerts.values()])
 
     def risk_level(self) -> str:
         counts = self.open_by_severity()
@@ -134,7 +130,7 @@ class Conversation:
             return "critical"
         if counts["warning"]:
             return "warning"
-        if counts["info"] or self.negative_share() >= 0.4:
+        if counts["info"] or self.negative_share() >= ELEVATED_SHARE:
             return "elevated"
         return "low"
 
@@ -159,7 +155,8 @@ class Conversation:
             "last_role": last.role if last else None,
             "last_speaker": last.speaker if last else None,
             "last_seq": last.seq if last else None,
-            "last_updated_seq": self.last_seq,
+            "last_updated_seq": self.last_updated_seq,
+            "negative_emotions": sorted({e.lower() for e in negative_emotions(self.rules)}),
             "utterances": len(self.cells) + self.dropped_cells,
             "finals": sum(c.status == "final" for c in self.cells.values()),
             "first_seen": self.first_seen,
@@ -182,7 +179,10 @@ class BoardState:
 
     def __init__(self, *, max_conversations: int = 200, max_utterances: int = 400, max_alerts: int = 200,
                  max_alerts_per_conversation: int = 50, max_ended: int = 50,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, rules_path: Path | None = None,
+                 rules: tuple[Rule, ...] | None = None) -> None:
+        """`rules`: the alert rules for every conversation; by default each conversation gets the
+        rules file for its labels (`rules_path`, else the shipped one: stream.core.rules)."""
         if min(max_conversations, max_utterances, max_alerts, max_alerts_per_conversation, max_ended) < 1:
             raise ValueError("every limit must be at least 1")
         self.max_conversations = max_conversations
@@ -191,27 +191,40 @@ class BoardState:
         self.max_alerts_per_conversation = max_alerts_per_conversation
         self.max_ended = max_ended
         self.clock = clock
-        self.active: dict[str, Conversation] = {}
-        self.ended: OrderedDict[str, Conversation] = OrderedDict()   # oldest first
+        self.active: dict[str, BoardConversation] = {}
+        self.ended: OrderedDict[str, BoardConversation] = OrderedDict()   # oldest first
         self.alerts: deque[dict] = deque(maxlen=max_alerts)           # most recent first
         self._alert_ids: OrderedDict[str, None] = OrderedDict()       # dedup (at-least-once delivery)
         self.stats = {"emotions": 0, "alerts": 0, "summaries": 0, "skipped": 0, "evicted": 0}
+        self.rules_path = rules_path
+        self._fixed_rules = rules
+        self._rules: dict[str, tuple[Rule, ...]] = {}  # rules file -> its rules (two shipped files at most)
+        self.rules_for(None)  # a rules file that does not load stops the board at start, not at its first event
+
+    def rules_for(self, labels: tuple[str, ...] | None) -> tuple[Rule, ...]:
+        """The alert rules for a model's labels: the configured file, else the shipped one for them."""
+        if self._fixed_rules is not None:
+            return self._fixed_rules
+        source = str(self.rules_path or default_rules_path(labels))
+        if source not in self._rules:
+            self._rules[source] = load_rules(self.rules_path, labels)
+        return self._rules[source]
 
     # ---- lookup ------------------------------------------------------------------------------
-    def get(self, conversation_id: str) -> Conversation | None:
+    def get(self, conversation_id: str) -> BoardConversation | None:
         return self.active.get(conversation_id) or self.ended.get(conversation_id)
 
-    def ranked(self) -> list[Conversation]:
+    def ranked(self) -> list[BoardConversation]:
         """Active conversations, riskiest first (ties: most recently active first)."""
-        return sorted(self.active.values(), key=Conversation.sort_key, reverse=True)
+        return sorted(self.active.values(), key=BoardConversation.sort_key, reverse=True)
 
-    def recently_ended(self) -> list[Conversation]:
+    def recently_ended(self) -> list[BoardConversation]:
         return list(reversed(self.ended.values()))
 
-    def _touch(self, conversation_id: str, now: float, deltas: list) -> Conversation:
+    def _touch(self, conversation_id: str, now: float, deltas: list) -> BoardConversation:
         conv = self.get(conversation_id)
         if conv is None:
-            conv = Conversation(conversation_id, first_seen=now, last_seen=now)
+            conv = BoardConversation(conversation_id, first_seen=now, last_seen=now, rules=self.rules_for(None))
             self.active[conversation_id] = conv
             self._evict_over_capacity(deltas, keep=conversation_id)
         conv.last_seen = max(conv.last_seen, now)
@@ -230,7 +243,7 @@ class BoardState:
         if not isinstance(event, dict):
             return self._skip()
         cid = _str(event.get("conversation_id"), 128)
-        seq = _int(event.get("seq"))
+        seq = _as_int(event.get("seq"))
         status = event.get("status")
         emotion = _str(event.get("emotion"), 40)
         if not cid or seq is None or seq < 0 or status not in STATUS_RANK or not emotion:
@@ -243,11 +256,13 @@ class BoardState:
                 score = max((v for v in map(_num, scores.values()) if v is not None), default=None)
         cell = Cell(seq=seq, speaker=_str(event.get("speaker"), 128), role=_str(event.get("role"), 40),
                     emotion=emotion, score=None if score is None else round(score, 4), status=status,
-                    ts=_num(event.get("ts_emitted")))
+                    ts_emitted=_num(event.get("ts_emitted")))
         self.stats["emotions"] += 1
         deltas: list[dict] = []
         conv = self._touch(cid, self.clock(), deltas)
-        conv.model = _model(event.get("model")) or conv.model
+        conv.model = _clean_model(event.get("model")) or conv.model
+        if isinstance(scores, dict) and scores:
+            conv.rules = self.rules_for(tuple(str(k) for k in scores))
         current = conv.cells.get(seq)
         if current is not None and STATUS_RANK[current.status] > STATUS_RANK[status]:
             # e.g. a provisional redelivered after its final: the final stands
@@ -258,7 +273,7 @@ class BoardState:
             deltas.append({"op": "conv", "conv": conv.header()})
             return deltas
         conv.cells[seq] = cell
-        conv.last_seq = seq
+        conv.last_updated_seq = seq
         removed = self._trim_cells(conv)
         deltas.append({"op": "cell", "conversation_id": cid, "cell": cell.to_json()})
         if removed:
@@ -266,15 +281,15 @@ class BoardState:
         deltas.append({"op": "conv", "conv": conv.header()})
         return deltas
 
-    def _trim_cells(self, conv: Conversation) -> int:
+    def _trim_cells(self, conv: BoardConversation) -> int:
         excess = len(conv.cells) - self.max_utterances
         if excess <= 0:
             return 0
         for seq in sorted(conv.cells)[:excess]:
             del conv.cells[seq]
         conv.dropped_cells += excess
-        if conv.last_seq not in conv.cells:
-            conv.last_seq = max(conv.cells)
+        if conv.last_updated_seq not in conv.cells:
+            conv.last_updated_seq = max(conv.cells)
         return excess
 
     # ---- alerts --------------------------------------------------------------------------------
@@ -295,9 +310,9 @@ class BoardState:
         alert = {
             "alert_id": alert_id, "conversation_id": cid, "rule": _str(event.get("rule"), 80) or "?",
             "kind": kind, "severity": severity, "role": _str(event.get("role"), 40),
-            "speaker": _str(event.get("speaker"), 128), "seq_from": _int(event.get("seq_from")),
-            "seq_to": _int(event.get("seq_to")), "reason": _str(event.get("reason"), 500) or "",
-            "closes": _str(event.get("closes"), 128), "model": _model(event.get("model")),
+            "speaker": _str(event.get("speaker"), 128), "seq_from": _as_int(event.get("seq_from")),
+            "seq_to": _as_int(event.get("seq_to")), "reason": _str(event.get("reason"), 500) or "",
+            "closes": _str(event.get("closes"), 128), "model": _clean_model(event.get("model")),
             "ts_emitted": _num(event.get("ts_emitted")),
         }
         self.stats["alerts"] += 1
@@ -331,7 +346,7 @@ class BoardState:
         deltas: list[dict] = []
         conv = self.active.pop(cid, None) or self.ended.pop(cid, None)
         if conv is None:
-            conv = Conversation(cid, first_seen=now, last_seen=now)
+            conv = BoardConversation(cid, first_seen=now, last_seen=now, rules=self.rules_for(None))
         conv.last_seen = max(conv.last_seen, now)
         conv.summary = self._clean_summary(event)
         conv.ended_by = conv.summary["ended_by"]
@@ -348,8 +363,8 @@ class BoardState:
                 filled = True
         if filled:
             self._trim_cells(conv)
-            if conv.last_seq is None or conv.last_seq not in conv.cells:
-                conv.last_seq = max(conv.cells)
+            if conv.last_updated_seq is None or conv.last_updated_seq not in conv.cells:
+                conv.last_updated_seq = max(conv.cells)
         self.ended[cid] = conv
         while len(self.ended) > self.max_ended:
             old, _ = self.ended.popitem(last=False)
@@ -361,7 +376,7 @@ class BoardState:
     def _clean_point(p: Any) -> dict | None:
         if not isinstance(p, dict):
             return None
-        return {"seq": _int(p.get("seq")), "role": _str(p.get("role"), 40), "speaker": _str(p.get("speaker"), 128),
+        return {"seq": _as_int(p.get("seq")), "role": _str(p.get("role"), 40), "speaker": _str(p.get("speaker"), 128),
                 "emotion": _str(p.get("emotion"), 40), "score": _num(p.get("score"))}
 
     def _clean_summary(self, event: dict) -> dict:
@@ -371,7 +386,7 @@ class BoardState:
             for who, counts in list(raw.items())[:64]:  # the contract caps it at 64 keys
                 if isinstance(counts, dict):
                     distribution[_str(who, 128) or "?"] = {
-                        _str(e, 40) or "?": n for e, n in list(counts.items())[:40] if _int(n) is not None}
+                        _str(e, 40) or "?": n for e, n in list(counts.items())[:40] if _as_int(n) is not None}
         traj = event.get("trajectory") if isinstance(event.get("trajectory"), list) else []
         peaks = event.get("peaks") if isinstance(event.get("peaks"), list) else []
         alerts = event.get("alerts") if isinstance(event.get("alerts"), list) else []
@@ -380,20 +395,20 @@ class BoardState:
             "summary_id": _str(event.get("summary_id"), 128),
             "conversation_id": _str(event.get("conversation_id"), 128),
             "ended_by": _str(event.get("ended_by"), 20) or "end",
-            "utterances": _int(event.get("utterances")),
+            "utterances": _as_int(event.get("utterances")),
             "distribution": distribution,
             # the whole trajectory is used to fill cells; only the kept tail is sent to browsers
             "trajectory": [p for p in map(self._clean_point, traj[-self.max_utterances:]) if p],
             "peaks": [p for p in map(self._clean_point, peaks[:3]) if p],
             "alerts": [{"alert_id": _str(a.get("alert_id"), 128), "rule": _str(a.get("rule"), 80),
                         "kind": _str(a.get("kind"), 20), "severity": _str(a.get("severity"), 20),
-                        "seq_from": _int(a.get("seq_from")), "seq_to": _int(a.get("seq_to"))}
+                        "seq_from": _as_int(a.get("seq_from")), "seq_to": _as_int(a.get("seq_to"))}
                        for a in alerts[-self.max_alerts_per_conversation:] if isinstance(a, dict)],
             "alerts_truncated": event.get("alerts_truncated") is True or len(alerts) > self.max_alerts_per_conversation,
             "trajectory_truncated": event.get("trajectory_truncated") is True or len(traj) > self.max_utterances,
             "open_alerts": [i for i in map(lambda x: _str(x, 128), open_ids[:100]) if i],
             "risk": _num(event.get("risk")),
-            "model": _model(event.get("model")),
+            "model": _clean_model(event.get("model")),
             "ts_emitted": _num(event.get("ts_emitted")),
         }
 

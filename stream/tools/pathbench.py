@@ -61,7 +61,7 @@ def default_step(model) -> Callable:
     return run
 
 
-def _utterance(cid: str, seq: int) -> UtteranceMessage:
+def _bench_utterance(cid: str, seq: int) -> UtteranceMessage:
     return UtteranceMessage(cid, seq, f"{cid}-s{seq % 2}", "customer" if seq % 2 == 0 else "agent", "x", None, f"d{seq}")
 
 
@@ -70,7 +70,7 @@ def prepared_states(cfg: ConversationConfig, model_step: Callable, dim: int, bat
     """`batch` conversations stepped `position` times (random vectors), as stored bytes."""
     convs: dict[str, ConversationState | None] = {f"path-{i}": None for i in range(batch)}
     for seq in range(position):
-        inputs = [_utterance(cid, seq) for cid in convs]
+        inputs = [_bench_utterance(cid, seq) for cid in convs]
         vectors = rng.standard_normal((batch, dim)).astype(np.float32)
         convs, _ = advance_conversations(cfg, model_step, convs, inputs, vectors, 0.0)
     return {cid: encode_state(conv) for cid, conv in convs.items()}
@@ -94,7 +94,7 @@ def path_rate(model, batch: int, *, labels: Sequence[str] | None = None, model_i
     rng = np.random.default_rng(seed)
     position = cfg_m.window + 4 if position is None else position
     blobs = prepared_states(cfg, step_fn, dim, batch, position, rng)
-    inputs = [_utterance(cid, position) for cid in blobs]
+    inputs = [_bench_utterance(cid, position) for cid in blobs]
     vectors = rng.standard_normal((batch, dim)).astype(np.float32)  # precomputed: the encoder is stubbed
     in_step = [0.0]
 

@@ -61,8 +61,8 @@ class _FirstEvents:
     """Per utterance of this replay, the first provisional and the first final received (with the
     time read), and what did not count."""
 
-    provisional: dict[tuple[str, int], tuple[float, dict]] = field(default_factory=dict)
-    final: dict[tuple[str, int], tuple[float, dict]] = field(default_factory=dict)
+    first_provisional: dict[tuple[str, int], tuple[float, dict]] = field(default_factory=dict)
+    first_final: dict[tuple[str, int], tuple[float, dict]] = field(default_factory=dict)
     final_ids: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     duplicate_final_ids: int = 0
     ignored: int = 0
@@ -84,14 +84,14 @@ def _first_events(by_key: dict[tuple[str, int], SentUtterance], received: Iterab
             out.labels = list(ev["scores"])
         status = ev.get("status")
         if status == "provisional":
-            out.provisional.setdefault(key, (t_recv, ev))
+            out.first_provisional.setdefault(key, (t_recv, ev))
         elif status == "final":
             eid = ev.get("event_id")
             if eid in seen_final_ids:
                 out.duplicate_final_ids += 1  # a redelivered final: consumers de-duplicate on event_id
             seen_final_ids.add(eid)
             out.final_ids.setdefault(key, set()).add(eid)
-            out.final.setdefault(key, (t_recv, ev))
+            out.first_final.setdefault(key, (t_recv, ev))
     return out
 
 
@@ -117,16 +117,16 @@ def score_replay(sent: Iterable[SentUtterance], received: Iterable[tuple[float, 
     first = _first_events(by_key, received, labels)
     labels = first.labels or []
     known = {lab.lower() for lab in labels}
-    wf1_final, mf1_final, n_final = _f1s(first.final, by_key, labels)
-    wf1_prov, mf1_prov, n_prov = _f1s(first.provisional, by_key, labels)
-    both = [k for k in first.final if k in first.provisional]
-    changed = sum(first.provisional[k][1].get("emotion") != first.final[k][1].get("emotion") for k in both)
-    p50p, p99p = _percentiles([(t - by_key[k].ts) * 1000.0 for k, (t, _) in first.provisional.items()])
-    p50f, p99f = _percentiles([(t - by_key[k].ts) * 1000.0 for k, (t, _) in first.final.items()])
+    wf1_final, mf1_final, n_final = _f1s(first.first_final, by_key, labels)
+    wf1_prov, mf1_prov, n_prov = _f1s(first.first_provisional, by_key, labels)
+    both = [k for k in first.first_final if k in first.first_provisional]
+    changed = sum(first.first_provisional[k][1].get("emotion") != first.first_final[k][1].get("emotion") for k in both)
+    p50p, p99p = _percentiles([(t - by_key[k].ts) * 1000.0 for k, (t, _) in first.first_provisional.items()])
+    p50f, p99f = _percentiles([(t - by_key[k].ts) * 1000.0 for k, (t, _) in first.first_final.items()])
     return {
         "sent": len(sent),
-        "finals": len(first.final),
-        "lost": len(by_key.keys() - first.final.keys()),
+        "finals": len(first.first_final),
+        "lost": len(by_key.keys() - first.first_final.keys()),
         "duplicate_final_ids": first.duplicate_final_ids,
         "weighted_f1_final": wf1_final,
         "weighted_f1_provisional": wf1_prov,
@@ -138,7 +138,7 @@ def score_replay(sent: Iterable[SentUtterance], received: Iterable[tuple[float, 
         "latency_final_p99_ms": p99f,
         # details
         "macro_f1_provisional": mf1_prov,
-        "provisionals": len(first.provisional),
+        "provisionals": len(first.first_provisional),
         "labelled": sum(s.gold_label is not None for s in sent),
         "scored_final": n_final,
         "scored_provisional": n_prov,

@@ -92,7 +92,7 @@ class MemorySoak:
         self.samples.append(row)
         self.console.print(f"[dim]soak[/] {row}")
 
-    async def load(self, producer) -> None:
+    async def run_load(self, producer) -> None:
         """Random live calls get their next utterance at `--rate`; a call ends after `--turns`."""
         args, topic = self.args, self.settings.utterances_topic
         texts, live = sample_texts(), {}
@@ -156,7 +156,7 @@ async def _soak(args) -> int:
             await wait_until_ready(stack.bootstrap, settings.utterances_topic, None, worker,
                                    emotions_topic=settings.emotions_topic)
             await producer.start()
-            await soak.load(producer)
+            await soak.run_load(producer)
             await soak.sample("load-end")
             wait = idle_s + args.ttl + 10
             console.print(f"[dim]soak[/] load stopped; waiting {wait} s for idle conversations to be finalised and expire")

@@ -132,7 +132,7 @@ class FaultSoak:
         self.counts["longest_pause_s"] = max(self.counts["longest_pause_s"], round(pause, 1))
         return pause
 
-    async def load(self, producer) -> None:
+    async def run_load(self, producer) -> None:
         """Calls at `--rate` for `--duration` seconds, with the faults on their schedule; then every
         live call ends."""
         args = self.args
@@ -207,7 +207,7 @@ async def soak_faults(args) -> int:
         reader = asyncio.create_task(soak.read(consumer))
         await producer.start()
         soak.log(f"{len(soak.workers)} worker(s) ready; load for {args.duration:.0f} s")
-        await soak.load(producer)
+        await soak.run_load(producer)
         await soak.drain()
     finally:
         if reader is not None:

@@ -173,7 +173,7 @@ class BatchProcessor:
             new_convs, outcome = await loop.run_in_executor(self.executor, self._compute, convs, inputs, now, event_ts)
             dlq += [self._dead_letter(why, origin[i], now) for i, why in outcome.rejected]
             self.metrics.duplicates.inc(len(outcome.duplicates))
-            self._count(outcome)
+            self._count_outcome(outcome)
         t3 = time.time()
         await self.publisher.publish(outcome, dlq)
         t4 = time.time()
@@ -203,7 +203,7 @@ class BatchProcessor:
             finally:
                 self.busy_s += time.monotonic() - t0
 
-    def _count(self, outcome: Outcome) -> None:
+    def _count_outcome(self, outcome: Outcome) -> None:
         if outcome.gaps_filled:
             self.metrics.seq_gaps.labels("filled").inc(outcome.gaps_filled)
         if outcome.gaps_skipped:
@@ -247,7 +247,7 @@ class BatchProcessor:
             return 0
         await self.publisher.publish(outcome, [])
         fenced = await self._save(changed, {c: partition for c in changed}, (partition, self.worker_id))
-        self._count(outcome)
+        self._count_outcome(outcome)
         await self.store.forget_idle(partition, stale + gone)
         flushed = sum(1 for c, v in changed.items() if not v.ended and c not in fenced)
         self.metrics.idle_finalized.inc(flushed)

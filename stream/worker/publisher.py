@@ -48,9 +48,9 @@ class Publisher:
                 ack = await self._refused(topic, key, value, res)
                 if ack is not None:
                     await ack
-        self._count(outcome, dlq)
+        self._count_published(outcome, dlq)
 
-    def _count(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
+    def _count_published(self, outcome: Outcome, dlq: list[dict[str, Any]]) -> None:
         for a in outcome.alerts:
             self.metrics.alerts.labels(a["severity"], a["kind"]).inc()
         for m in outcome.summaries:

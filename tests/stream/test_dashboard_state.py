@@ -23,8 +23,13 @@ class Clock:
         return self.t
 
 
-def emotion(cid="c1", seq=0, status="final", emotion_="neutral", speaker="cust-1", role="customer", score=0.8) -> dict:
-    scores = {"neutral": 0.05, "joy": 0.05, "anger": 0.05, "sadness": 0.05}
+MELD = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
+EMORYNLP = ("Neutral", "Joyful", "Peaceful", "Powerful", "Scared", "Mad", "Sad")
+
+
+def emotion(cid="c1", seq=0, status="final", emotion_="neutral", speaker="cust-1", role="customer", score=0.8,
+            labels=MELD) -> dict:
+    scores = dict.fromkeys(labels, 0.05)
     scores[emotion_] = score
     return {"event_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{cid}/{seq}/{status}").hex, "conversation_id": cid,
             "seq": seq, "speaker": speaker, "role": role, "emotion": emotion_, "scores": scores, "status": status,
@@ -101,8 +106,8 @@ def test_malformed_events_are_counted_and_skipped(board):
 
 # ---- risk ordering ---------------------------------------------------------------------------
 
-def test_ordering_open_alerts_first_critical_over_warning_then_negative_share_then_recency(board, clock):
-    # calm: all neutral; angry: customer negative in its last finals; warned / critical: open alerts
+def test_ranking_is_the_summaries_risk_then_recency(board, clock):
+    # calm: all neutral; angry: customer negative in 3 of its last 5 finals; warned / critical: open alerts
     for cid in ("calm", "angry", "warned", "critical", "recent-calm"):
         for seq in range(5):
             emo = "anger" if cid == "angry" and seq >= 2 else "neutral"
@@ -110,8 +115,10 @@ def test_ordering_open_alerts_first_critical_over_warning_then_negative_share_th
         clock.tick()
     board.apply_alert(alert(cid="warned", severity="warning"))
     board.apply_alert(alert(cid="critical", severity="critical", rule="escalation"))
-    order = ids(board.ranked())
-    assert order == ["critical", "warned", "angry", "recent-calm", "calm"]
+    # stream.core.risk: 0.6 * negative share + 0.4 * the most severe open alert's weight
+    risks = {c.conversation_id: c.header()["risk"] for c in board.ranked()}
+    assert risks == {"critical": 0.4, "angry": 0.36, "warned": 0.2, "recent-calm": 0.0, "calm": 0.0}
+    assert ids(board.ranked()) == ["critical", "angry", "warned", "recent-calm", "calm"]
     angry = board.get("angry").header()
     assert angry["negative_share"] == pytest.approx(0.6) and angry["risk_level"] == "elevated"
     assert board.get("critical").header()["risk_level"] == "critical"
@@ -123,8 +130,28 @@ def test_ordering_open_alerts_first_critical_over_warning_then_negative_share_th
     assert ids(board.ranked()) == ["critical", "angry", "warned", "recent-calm", "calm"]
 
 
-def test_negative_share_counts_the_customer_only_and_only_its_last_five_finals(board):
-    # agent angry, customer calm: not negative
+def test_the_board_and_the_summary_agree_on_risk(board):
+    """The same finals and alerts through the monitor (summary risk) and the board (ranking)."""
+    from stream.core.monitor import MonitorState, on_final
+    from stream.core.rules import load_rules
+    from stream.core.summary import monitor_risk
+
+    rules, state = load_rules(), MonitorState()
+    emotions = ["neutral", "anger", "anger", "joy", "anger", "sadness", "neutral", "disgust", "anger"]
+    for seq, emo in enumerate(emotions):
+        agent = seq % 3 == 2
+        ev = emotion(cid="same", seq=seq, emotion_=emo, role="agent" if agent else "customer",
+                     speaker="ag" if agent else "cust-1")
+        state, alerts = on_final(rules, state, ev, 1.0)
+        board.apply_emotion(ev)
+        for a in alerts:
+            board.apply_alert(a)
+        assert board.get("same").risk() == monitor_risk(state), seq
+    assert monitor_risk(state) > 0.4  # an open alert and negative finals: the check is not vacuous
+
+
+def test_negative_share_follows_the_rules_file(board):
+    # the shipped MELD rules watch the customer: an angry agent is not negative
     for seq in range(6):
         board.apply_emotion(emotion(cid="roles", seq=seq, speaker="ag", role="agent", emotion_="anger"))
     board.apply_emotion(emotion(cid="roles", seq=6, emotion_="neutral"))
@@ -132,18 +159,31 @@ def test_negative_share_counts_the_customer_only_and_only_its_last_five_finals(b
     # provisional negatives do not count, only finals
     board.apply_emotion(emotion(cid="roles", seq=7, status="provisional", emotion_="anger"))
     assert board.get("roles").negative_share() == 0.0
-    # old negatives fall out of the window of 5
+    # old negatives fall out of the rules' window (5: the longest streak rule's m)
     for seq in range(3):
         board.apply_emotion(emotion(cid="window", seq=seq, emotion_="sadness"))
     for seq in range(3, 8):
         board.apply_emotion(emotion(cid="window", seq=seq, emotion_="joy"))
     assert board.get("window").negative_share() == 0.0
-    # no roles (MELD/EmoryNLP style): all speakers count, EmoryNLP labels too
-    board.apply_emotion(emotion(cid="emory", seq=0, role=None, speaker="Ross", emotion_="Mad"))
-    board.apply_emotion(emotion(cid="emory", seq=1, role=None, speaker="Rachel", emotion_="Scared"))
-    board.apply_emotion(emotion(cid="emory", seq=2, role=None, speaker="Ross", emotion_="Joyful"))
-    board.apply_emotion(emotion(cid="emory", seq=3, role=None, speaker="Rachel", emotion_="Sad"))
-    assert board.get("emory").negative_share() == pytest.approx(0.75)
+    # fear is no rule's emotion in the shipped file: not negative
+    board.apply_emotion(emotion(cid="fear", seq=0, emotion_="fear"))
+    assert board.get("fear").negative_share() == 0.0
+    # no roles: each speaker is its own group; EmoryNLP labels get EmoryNLP's rules (Mad, Sad)
+    for seq, (speaker, emo) in enumerate([("Ross", "Mad"), ("Rachel", "Scared"), ("Ross", "Mad"), ("Rachel", "Sad")]):
+        board.apply_emotion(emotion(cid="emory", seq=seq, role=None, speaker=speaker, emotion_=emo, labels=EMORYNLP))
+    header = board.get("emory").header()
+    assert header["negative_share"] == 1.0 and header["negative_emotions"] == ["mad", "sad"]
+    assert board.get("fear").header()["negative_emotions"] == ["anger", "disgust", "sadness"]
+
+
+def test_a_rules_path_decides_for_every_conversation(tmp_path, clock):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "fear_streak"\nkind = "negative_streak"\nroles = ["customer"]\n'
+                     'emotions = ["fear"]\nk = 1\nm = 2\n')
+    board = BoardState(clock=clock, rules_path=rules)
+    board.apply_emotion(emotion(seq=0, emotion_="anger"))
+    board.apply_emotion(emotion(seq=1, emotion_="fear"))
+    assert board.get("c1").negative_share() == 0.5
 
 
 # ---- alerts feed -------------------------------------------------------------------------------

@@ -8,7 +8,6 @@
   const EMOTIONS = ["anger", "disgust", "fear", "sadness", "surprise", "joy", "neutral"];
   const EMORY = ["mad", "scared", "sad", "joyful", "peaceful", "powerful"];
   const KNOWN = new Set(EMOTIONS.concat(EMORY));
-  const NEGATIVE = new Set(["anger", "disgust", "sadness", "fear", "mad", "sad", "scared"]);
   const LEVEL_TEXT = { critical: "critical", warning: "warning", elevated: "elevated", low: "low" };
 
   const board = { convs: new Map(), alerts: [], limits: { max_alerts: 200, max_alerts_per_conversation: 50 }, consumer: {} };
@@ -273,6 +272,7 @@
     const cols = maxSeq - minSeq + 1;
     tl.style.gridTemplateColumns = "var(--lane-w) repeat(" + cols + ", var(--cell-w))";
     const nodes = [];
+    const negative = new Set(c.negative_emotions || []);  // the emotions the alert rules look for
     // axis
     const corner = el("div", "lane-label axis-corner", "seq");
     corner.style.gridRow = "1"; corner.style.gridColumn = "1";
@@ -295,7 +295,7 @@
       for (const cell of lane.cells) {
         const d = el("div", "cell status-" + cell.status, emoKey(cell.emotion).slice(0, 3));
         paintEmotion(d, cell.emotion);
-        if (NEGATIVE.has(emoKey(cell.emotion))) d.classList.add("negative");
+        if (negative.has(emoKey(cell.emotion))) d.classList.add("negative");
         d.style.gridRow = row; d.style.gridColumn = String(cell.seq - minSeq + 2);
         d.setAttribute("data-testid", "cell-" + c.conversation_id + "-" + cell.seq);
         d.setAttribute("data-status", cell.status);
@@ -408,7 +408,7 @@
     st.textContent = c.state === "ended" ? "ended (" + (c.ended_by || "?") + ")" : "active";
     st.className = "state state-" + c.state;
     const meta = [(c.utterances || 0) + " utterances", (c.finals || 0) + " final",
-      Math.round((c.negative_share || 0) * 100) + "% negative (last 5 finals)",
+      Math.round((c.negative_share || 0) * 100) + "% negative (last finals the rules watch)",
       "last event " + ago(c.last_seen)];
     if (c.model && c.model.name) meta.push("model " + c.model.name + " " + (c.model.version || ""));
     $("detail-meta").textContent = meta.join(" · ");
