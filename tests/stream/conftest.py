@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -8,7 +10,17 @@ from tests.conftest import tiny_config
 
 @pytest.fixture(scope="session")
 def stack():
-    """One real Tansu broker + one real redis-server for the whole test session."""
+    """One Kafka-protocol broker and one Redis for the whole test session: in containers when
+    EMOTION_MONITOR_TEST_CONTAINERS=1 asks for them and a Docker engine answers (tests/stream/
+    containers.py), else a real Tansu broker + a real redis-server started here."""
+    from tests.stream import containers
+
+    if containers.wanted():
+        if containers.use_containers():
+            with containers.container_stack() as st:
+                yield st
+            return
+        warnings.warn(f"{containers.ENV} asks for containers but no Docker engine answers: using the local stack")
     from stream.tools.localstack import local_stack
 
     with local_stack({}) as st:
