@@ -305,3 +305,219 @@ def emotion_si_loss(
     )
     si = F.cross_entropy(si_logits, si_targets, ignore_index=-100) if si_weight > 0 and (si_targets >= 0).any() else zero
     return emo + si_weight * si, {"loss_emotion": emo.item(), "loss_si": si.item()}
+
+
+class StreamKernel:
+    """The streaming step's arithmetic (inference only, no dropout), on weights prepared once.
+
+    Computes what `forward_states` + `score_windows` compute for the last `lookahead` + 1 columns
+    of each window, and only what the emotion logits of those columns depend on:
+      - the emotion-private backward GRU runs over the last L + 1 columns only (a target reads the
+        backward states between it and the horizon); the SI-private and shared ones run over the
+        whole window when the cross-attention reads them (its keys and values are the SI side of
+        every column), else the shared one runs over the last L + 1 columns too;
+      - the party embedding enters the emotion GRUs as a per-party table (embedding @ its input
+        weights), so every branch's input projection is one matrix product over the vectors;
+      - on the CPU the backward GRUs of all branches advance together, one batched matrix product
+        per column (`nn.GRU` runs them one branch at a time); on CUDA they stay cuDNN calls;
+      - the cross-attention projects its few queries instead of the window's keys and values:
+        q . (Wk s + bk) = (Wk^T q) . s + const (the constant cancels in the softmax), and
+        sum_j a_j (Wv s_j + bv) = Wv (sum_j a_j s_j) + bv;
+      - no SI head (streaming emits emotions only).
+    Equal to `score_windows` up to float rounding (tests: within 1e-5 on the shipped weights).
+    """
+
+    def __init__(self, model: "EmotionSIModel", bwd_impl: str | None = None):
+        cfg = model.cfg
+        self.cfg, self.emotion_head = cfg, model.emotion_head
+        self.Q = cfg.lookahead + 1
+        self.context = model.context is not None
+        self.xattn = cfg.cross_attention
+        if cfg.num_parties > 2**15:
+            raise ValueError(f"num_parties {cfg.num_parties}: streaming states store party ids as int16")
+        p0 = next(model.parameters())
+        self.device = p0.device
+        self.bwd_impl = bwd_impl or ("gru" if self.device.type == "cuda" else "loop")
+        with torch.no_grad():
+            if self.context:
+                self._prepare_context(model)
+            if self.xattn:
+                self._prepare_attention(model)
+
+    def _prepare_context(self, model: "EmotionSIModel") -> None:
+        cfg, ctx = self.cfg, model.context
+        D, H = model.encoder.dim, cfg.hidden
+        self.H, self.ctx = H, ctx
+        self.emo_br = (EMOTION, SHARED) if cfg.shared_private else (EMOTION,)
+        self.si_br = (SI_PRIVATE, SHARED) if cfg.shared_private else (EMOTION,)
+        full = list(self.si_br) if self.xattn else []
+        short = [b for b in self.emo_br if b not in full]
+        self.full, self.short = full, short  # backward branches over the whole window / the last L + 1
+
+        def stack(grus, order):
+            w_ih = torch.cat([grus[b].weight_ih_l0[:, :D] for b in order]).t().contiguous()  # (D, n*3H)
+            b_ih = torch.cat([grus[b].bias_ih_l0 for b in order]).contiguous()
+            w_hh = torch.stack([grus[b].weight_hh_l0.t() for b in order]).contiguous()  # (n, H, 3H)
+            b_hh = torch.stack([grus[b].bias_hh_l0 for b in order]).unsqueeze(1).contiguous()  # (n, 1, 3H)
+            return w_ih, b_ih, w_hh, b_hh
+
+        # party embedding through the emotion branch's input weights: (P, 3H) per direction
+        emb = ctx.party.weight
+        self.party_fwd = (emb @ ctx.fwd[EMOTION].weight_ih_l0[:, D:].t()).contiguous()
+        self.party_bwd = (emb @ ctx.bwd[EMOTION].weight_ih_l0[:, D:].t()).contiguous()
+        self.fwd_w = stack(ctx.fwd, range(cfg.branches))
+        order = full + short
+        self.bwd_full_w = stack(ctx.bwd, full) if full else None
+        self.bwd_short_w = stack(ctx.bwd, short) if short else None
+        _, _, w_hh, b_hh = stack(ctx.bwd, order)  # full branches first: they go on alone past the targets
+        self.bwd_hh = (w_hh, b_hh)
+
+    def _prepare_attention(self, model: "EmotionSIModel") -> None:
+        attn = model.attn
+        if attn.bias_k is not None or attn.add_zero_attn:
+            raise NotImplementedError("StreamKernel: attention with bias_k/add_zero_attn")
+        A, nh = attn.embed_dim, attn.num_heads
+        hd = A // nh
+        if attn._qkv_same_embed_dim:
+            w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
+        b = attn.in_proj_bias if attn.in_proj_bias is not None else w_q.new_zeros(3 * A)
+        b_q, _b_k, b_v = b.chunk(3)  # the key bias cancels in the softmax
+        scale = hd ** -0.5
+        self.nh, self.A = nh, A
+        # query Linear then the attention's (scaled) query projection: one product
+        q_w, q_b = w_q * scale, b_q * scale
+        self.q_w = (q_w @ model.query.weight).contiguous()  # (A, emo_dim)
+        self.q_b = (q_w @ model.query.bias + q_b).contiguous()
+        self.k_w = w_k.reshape(nh, hd, -1).contiguous()  # (nh, hd, kdim)
+        self.v_wt = w_v.reshape(nh, hd, -1).transpose(1, 2).contiguous()  # (nh, kdim, hd)
+        self.v_b = b_v.reshape(nh, 1, hd).contiguous()
+        # the attention's output projection folded into the emotion head's first layer
+        first = model.emotion_head[0]
+        emo_dim = first.in_features - A
+        w1e, w1a = first.weight[:, :emo_dim], first.weight[:, emo_dim:]
+        self.head1_w = torch.cat([w1e, w1a @ attn.out_proj.weight], dim=1).contiguous()
+        self.head1_b = (first.bias + w1a @ attn.out_proj.bias).contiguous()
+
+    # ---- the recurrences ------------------------------------------------------------------
+    @staticmethod
+    def _gru_step(gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+        """One GRU step for n branches at once: gi (n, B, 3H) input projections with their bias,
+        h (n, B, H) -> (n, B, H). PyTorch's gate order and formula (r, z, n)."""
+        H = h.shape[-1]
+        gh = torch.baddbmm(b_hh, h, w_hh)  # (n, B, 3H)
+        rz = torch.sigmoid(gi[..., : 2 * H] + gh[..., : 2 * H])
+        n = torch.tanh(torch.addcmul(gi[..., 2 * H :], rz[..., :H], gh[..., 2 * H :]))
+        return torch.lerp(n, h, rz[..., H:])  # (1 - z) n + z h
+
+    def forward_step(self, u: torch.Tensor, parties: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        """Forward GRU states (B, branches, H) of one new utterance per conversation: u (B, D),
+        parties (B,), h0 (B, branches, H) the carried states."""
+        B = u.shape[0]
+        w_ih, b_ih, w_hh, b_hh = self.fwd_w
+        gi = torch.addmm(b_ih, u, w_ih).view(B, -1, 3 * self.H)  # (B, br, 3H)
+        gi[:, EMOTION] += self.party_fwd[parties]
+        h = self._gru_step(gi.transpose(0, 1), h0.transpose(0, 1), w_hh, b_hh)  # (br, B, H)
+        return h.transpose(0, 1)
+
+    def _backward_loop(self, u_w: torch.Tensor, p_w: torch.Tensor) -> dict[int, torch.Tensor]:
+        B, W, D = u_w.shape
+        Q, H, nF = self.Q, self.H, len(self.full)
+        gis = []
+        if self.full:
+            w_ih, b_ih, _, _ = self.bwd_full_w
+            gi = torch.addmm(b_ih, u_w.reshape(B * W, D), w_ih).view(B, W, nF, 3 * H)
+            if EMOTION in self.full:
+                gi[:, :, self.full.index(EMOTION)] += self.party_bwd[p_w]
+            gis.append(gi)
+        if self.short:
+            w_ih, b_ih, _, _ = self.bwd_short_w
+            gs = torch.addmm(b_ih, u_w[:, W - Q :].reshape(B * Q, D), w_ih).view(B, Q, len(self.short), 3 * H)
+            if EMOTION in self.short:
+                gs[:, :, self.short.index(EMOTION)] += self.party_bwd[p_w[:, W - Q :]]
+        w_hh, b_hh = self.bwd_hh
+        h = u_w.new_zeros(w_hh.shape[0], B, H)
+        hs: list[torch.Tensor] = [None] * W  # type: ignore[list-item]
+        for col in range(W - 1, -1 if self.full else W - Q - 1, -1):  # from the horizon back
+            if col >= W - Q:
+                parts = ([gis[0][:, col]] if self.full else []) + ([gs[:, col - (W - Q)]] if self.short else [])
+                g = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+                h = self._gru_step(g.transpose(0, 1), h, w_hh, b_hh)
+            else:  # past the targets only the full-window branches are needed
+                if col == W - Q - 1:
+                    h = h[:nF]
+                    w_hh, b_hh = w_hh[:nF], b_hh[:nF]
+                h = self._gru_step(gis[0][:, col].transpose(0, 1), h, w_hh, b_hh)
+            hs[col] = h
+        out = {}
+        if self.full:
+            full = torch.stack([x[:nF] for x in hs], 2)  # (nF, B, W, H)
+            out.update({b: full[i] for i, b in enumerate(self.full)})
+        if self.short:
+            short = torch.stack([x[nF:] for x in hs[W - Q :]], 2)  # (nS, B, Q, H)
+            out.update({b: short[i] for i, b in enumerate(self.short)})
+        return out
+
+    def _backward_gru(self, u_w: torch.Tensor, p_w: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The same with the model's nn.GRU modules (cuDNN on CUDA), one call per branch."""
+        ctx, W, Q = self.ctx, u_w.shape[1], self.Q
+        out = {}
+        for b in self.full + self.short:
+            cols = slice(0, W) if b in self.full else slice(W - Q, W)
+            x = u_w[:, cols]
+            if b == EMOTION:
+                x = torch.cat([x, ctx.party(p_w[:, cols])], dim=-1)
+            out[b] = ctx.bwd[b](x.flip(1))[0].flip(1)
+        return out
+
+    # ---- scoring ----------------------------------------------------------------------------
+    def score(self, u_w: torch.Tensor, p_w: torch.Tensor, f_w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Emotion logits (B, L + 1, E) of the last L + 1 columns of left-padded windows ending at
+        their horizon: u_w (B, W, D), p_w (B, W), f_w (B, W, branches, H) forward states (the
+        horizon's included), mask (B, W) True at real columns. Columns before a window's first
+        real one give meaningless rows (the caller drops them)."""
+        Q = self.Q
+        if self.context:
+            bwd = (self._backward_loop if self.bwd_impl == "loop" else self._backward_gru)(u_w, p_w)
+            W = u_w.shape[1]
+
+            def last(b):  # backward states of branch b at the last Q columns
+                x = bwd[b]
+                return x if x.shape[1] == Q else x[:, W - Q :]
+
+            emo = torch.cat([x for b in self.emo_br for x in (f_w[:, W - Q :, b], last(b))], dim=-1)  # (B, Q, emo_dim)
+            si = torch.cat([x for b in self.si_br for x in (f_w[:, :, b], bwd[b])], dim=-1) if self.xattn else None
+        else:
+            emo, si = u_w[:, u_w.shape[1] - Q :], u_w
+        if not self.xattn:
+            return self.emotion_head(emo)
+        head = self.emotion_head  # Linear (out_proj folded in), GELU, Dropout (off), Linear
+        h = F.linear(torch.cat([emo, self._attend(emo, si, mask)], dim=-1), self.head1_w, self.head1_b)
+        return head[3](head[1](h))
+
+    def _attend(self, emo: torch.Tensor, si: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """nn.MultiheadAttention(query(emo), si, si) with the projections moved to the query side,
+        before its output projection (folded into the emotion head): (B, Q, A)."""
+        B, Q, _ = emo.shape
+        nh, A, kdim = self.nh, self.A, si.shape[-1]
+        q = F.linear(emo, self.q_w, self.q_b)  # (B, Q, A), scaled
+        qt = torch.bmm(q.reshape(B * Q, nh, A // nh).transpose(0, 1), self.k_w)  # (nh, BQ, kdim)
+        qt = qt.view(nh, B, Q, kdim).permute(1, 2, 0, 3).reshape(B, Q * nh, kdim)
+        bias = torch.zeros(mask.shape, dtype=si.dtype, device=si.device).masked_fill_(~mask, float("-inf")).unsqueeze(1)
+        att = torch.softmax(torch.baddbmm(bias, qt, si.transpose(1, 2)), dim=-1)  # (B, Q*nh, W)
+        c = torch.bmm(att, si).view(B * Q, nh, kdim).transpose(0, 1)  # (nh, BQ, kdim)
+        o = torch.baddbmm(self.v_b, c, self.v_wt)  # (nh, BQ, hd)
+        return o.transpose(0, 1).reshape(B, Q, A)
+
+
+def stream_kernel(model: "EmotionSIModel") -> StreamKernel:
+    """The model's StreamKernel, prepared on first use and again whenever its weights change
+    (other tensors, moved, or updated in place: each parameter's version counter)."""
+    parts = (model.context, getattr(model, "query", None), getattr(model, "attn", None), model.emotion_head)
+    key = tuple((p.data_ptr(), p._version) for m in parts if m is not None for p in m.parameters())
+    cached = model.__dict__.get("_stream_kernel")
+    if cached is None or cached[0] != key:
+        cached = (key, StreamKernel(model))
+        model.__dict__["_stream_kernel"] = cached
+    return cached[1]
