@@ -82,33 +82,39 @@ class DialogueState:
         return {self.seen - 1 - r: self.pending_probs[r] for r in range(len(self.pending_probs) - 1, -1, -1)}
 
     # ---- serialisation (the stream side stores these bytes) ------------------------------
-    def to_bytes(self, version: int = 2) -> bytes:
+    def to_bytes(self, version: int = 2, prefix: bytes = b"", float16: bool = False) -> bytes:
         """Version 2 (default): the compact format. Version 1: the first format (safetensors), for
-        a rolling upgrade while workers that only read it still run."""
+        a rolling upgrade while workers that only read it still run. `prefix` (a caller's own
+        header) goes first, in the same copy: `from_bytes(memoryview(data)[len(prefix):])` reads
+        the state back without copying either. `float16`: the window arrays in half precision
+        (half the bytes; scores then move by up to ~1e-4, so streaming no longer equals offline
+        scoring within 1e-5); the pending scores stay float32."""
         if version == 1:
-            return _to_bytes_v1(self)
+            return prefix + _to_bytes_v1(self)
         k = self.rows
         pend = self.pending_probs
         n_pend, E = (0, 0) if pend is None else pend.shape
         flags, names = _parties_bytes(self)
+        if float16:
+            flags |= _FLOAT16
         D, br, H = (0, 0, 0) if k == 0 else (self.vec_win.shape[1], *self.fwd_win.shape[1:])
         head = _HEAD.pack(MAGIC, self.seen, k, D, br, H, n_pend, E, flags, len(names))
-        parts = [head, names, _ZEROS[: -(len(head) + len(names)) % _ALIGN]]
-        if k:
-            parts += [_raw(self.vec_win[-k:], np.float32), _raw(self.fwd_win[-k:], np.float32)]
+        parts = [prefix, head, names, _ZEROS[: -(len(head) + len(names)) % _ALIGN]]
         if n_pend:
             parts.append(_raw(pend, np.float32))
         if k:
-            parts.append(_raw(self.pid_win[-k:], np.int16))
+            dtype = np.float16 if float16 else np.float32
+            parts += [_raw(self.vec_win[-k:], dtype), _raw(self.fwd_win[-k:], dtype), _raw(self.pid_win[-k:], np.int16)]
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "DialogueState":
-        if data[:4] != MAGIC:
-            return _from_bytes_v1(data)
+    def from_bytes(cls, data: bytes | memoryview) -> "DialogueState":
+        """Any bytes-like object; the arrays are read-only views of it (no copies)."""
+        if bytes(data[:4]) != MAGIC:
+            return _from_bytes_v1(bytes(data))
         _, seen, k, D, br, H, n_pend, E, flags, n_names = _HEAD.unpack_from(data)
         off = _HEAD.size
-        raw = data[off : off + n_names]
+        raw = bytes(data[off : off + n_names])
         if flags & _JSON_NAMES:
             parties = json.loads(raw)
         else:
@@ -117,15 +123,15 @@ class DialogueState:
         off += n_names
         off += -off % _ALIGN
         vec = fwd = pend = pid = None
-        n_vec, n_fwd = k * D, k * br * H
-        if k or n_pend:
-            floats = np.frombuffer(data, np.float32, n_vec + n_fwd + n_pend * E, off)
-            if k:
-                vec, fwd = floats[:n_vec].reshape(k, D), floats[n_vec : n_vec + n_fwd].reshape(k, br, H)
-                pid = np.frombuffer(data, np.int16, k, off + 4 * len(floats))
-            if n_pend:
-                pend = floats[n_vec + n_fwd :].reshape(n_pend, E)
-        return _state(seen, parties, vec, pid, fwd, pend, (parties, flags, raw))
+        if n_pend:
+            pend = np.frombuffer(data, np.float32, n_pend * E, off).reshape(n_pend, E)
+            off += 4 * n_pend * E
+        if k:
+            n_vec, n_fwd = k * D, k * br * H
+            window = np.frombuffer(data, np.float16 if flags & _FLOAT16 else np.float32, n_vec + n_fwd, off)
+            vec, fwd = window[:n_vec].reshape(k, D), window[n_vec:].reshape(k, br, H)
+            pid = np.frombuffer(data, np.int16, k, off + window.nbytes)
+        return _state(seen, parties, vec, pid, fwd, pend, (parties, flags & _JSON_NAMES, raw))
 
 
 MAGIC = b"DSv2"  # the first format (safetensors) starts with its header's length: never these bytes
@@ -134,6 +140,7 @@ _HEAD = struct.Struct("<4sqHHHHHHHI")
 _ALIGN = 16  # the arrays start 16-byte aligned (relative to the data)
 _ZEROS = bytes(_ALIGN)
 _JSON_NAMES = 1  # flag: the speaker map is JSON (else its names, NUL-separated, in index order)
+_FLOAT16 = 2  # flag: the window arrays (vectors, forward states) are float16
 
 
 def _state(seen, parties, vec, pid, fwd, pend, parties_raw) -> DialogueState:
@@ -165,8 +172,8 @@ def _to_bytes_v1(s: DialogueState) -> bytes:
     meta = {"seen": str(s.seen), "parties": json.dumps(s.parties), "pending": json.dumps(sorted(pending))}
     tensors = {f"pending.{p}": np.ascontiguousarray(v, dtype=np.float32) for p, v in pending.items()}
     if s.rows:
-        tensors.update(vectors=np.ascontiguousarray(s.vectors), party_ids=s.party_ids.astype(np.int64),
-                       fwd=np.ascontiguousarray(s.fwd))
+        tensors.update(vectors=np.ascontiguousarray(s.vectors, np.float32), party_ids=s.party_ids.astype(np.int64),
+                       fwd=np.ascontiguousarray(s.fwd, np.float32))
     return st_save(tensors, metadata=meta)
 
 
@@ -263,7 +270,8 @@ def step(
         if W > 1:
             h0 = f_w[:, -2]
         else:
-            h0 = to_dev(np.stack([np.zeros((br, H), np.float32) if s.fwd_win is None else s.fwd_win[-1] for s in states]))
+            h0 = to_dev(np.stack([np.zeros((br, H), np.float32) if s.fwd_win is None else s.fwd_win[-1] for s in states],
+                                 dtype=np.float32))
         f_new = kern.forward_step(u_w[:, -1], p_w[:, -1], h0)
         f_w[:, -1] = f_new
         if dev.type != "cpu":
