@@ -146,8 +146,8 @@ _FLOAT16 = 2  # flag: the window arrays (vectors, forward states) are float16
 def _state(seen, parties, vec, pid, fwd, pend, parties_raw) -> DialogueState:
     """DialogueState(...) without the frozen dataclass's per-field __setattr__ (a hot path)."""
     s = object.__new__(DialogueState)
-    s.__dict__.update(seen=seen, parties=parties, vec_win=vec, pid_win=pid, fwd_win=fwd, pending_probs=pend,
-                      _parties_raw=parties_raw)
+    object.__setattr__(s, "__dict__", {"seen": seen, "parties": parties, "vec_win": vec, "pid_win": pid, "fwd_win": fwd,
+                                       "pending_probs": pend, "_parties_raw": parties_raw})
     return s
 
 
@@ -286,17 +286,19 @@ def step(
     for a in (vec, pid16, fwd, probs):
         a.flags.writeable = False  # the new states' arrays are views into these
 
+    # 4. per conversation: only object creation (views into the batch arrays, no copies)
+    targets = list(probs.reshape(B * Q, -1))  # row i * Q + j: column j of conversation i
+    pend_rows = list(probs[:, :0:-1]) if L else [None] * B  # (L, E) each, newest first
     out_states, outputs = [], []
-    for i in range(B):
-        n = seen[i]
-        row = probs[i]
-        first = max(0, Q - n)  # columns before the conversation's first utterance are padding
-        outputs.append([Scored(int(n - Q + j), row[j], j == 0) for j in range(first, Q)])
-        n_pend = min(int(n), L)
-        pend = row[Q - n_pend :][::-1] if n_pend else None  # newest first
-        s = states[i]
-        raw = s._parties_raw if parties[i] is s.parties else None
-        out_states.append(_state(int(n), parties[i], vec[i], pid16[i], fwd[i], pend, raw))
+    for i, (s, n, p, v, d, f, pend) in enumerate(zip(states, seen.tolist(), parties, vec, pid16, fwd, pend_rows)):
+        base = i * Q - n + Q  # + position = index of its row in `targets`
+        first = n - Q if n > Q else 0  # positions before the conversation's first utterance are padding
+        final = n - Q
+        outputs.append([Scored(pos, targets[base + pos], pos == final) for pos in range(first, n)])
+        if n < L:
+            pend = pend[:n]
+        raw = s._parties_raw if p is s.parties else None
+        out_states.append(_state(n, p, v, d, f, pend if L else None, raw))
     return out_states, outputs
 
 
