@@ -156,7 +156,8 @@ def _parties_bytes(s: DialogueState) -> tuple[int, bytes]:
     if cached is not None and cached[0] is s.parties:
         return cached[1], cached[2]
     names = list(s.parties)
-    if list(s.parties.values()) == list(range(len(names))) and not any("\0" in n for n in names) and names != [""]:
+    if (list(s.parties.values()) == list(range(len(names))) and names != [""]
+            and all(isinstance(n, str) and "\0" not in n for n in names)):
         return 0, "\0".join(names).encode()
     return _JSON_NAMES, json.dumps(s.parties, separators=(",", ":")).encode()
 
