@@ -6,8 +6,10 @@ own rolling state (model.streaming) and never builds these.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -35,3 +37,20 @@ def party_ids(speakers: Iterable[str], num_parties: int) -> list[int]:
             seen[s] = min(len(seen), num_parties - 1)
         out.append(seen[s])
     return out
+
+
+def json_objects(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of a JSON-lines file, blank lines skipped: the one
+    reader of conversation files (training's JSONL datasets, `replay`'s files). A line that is not
+    a JSON object raises `error` naming the file and the line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}:{lineno}: not JSON ({exc.msg}); expected one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj

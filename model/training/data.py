@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from model.dialogue import Dialogue, Utterance
+from model.dialogue import Dialogue, Utterance, json_objects
 from model.encoding import normalize_text
 
 MELD_LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
@@ -116,28 +116,19 @@ def load_jsonl(path: str | Path) -> list[Dialogue]:
     the file is replayed, not trained on (training and evaluation need every label)."""
     path = _require(Path(path), "JSONL dataset")
     convs: dict[str, dict[int, Utterance]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{n}: not JSON ({exc.msg}); one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{n}: a line must be a JSON object")
-            for key, kind in (("conversation_id", str), ("seq", int), ("speaker", str), ("text", str)):
-                if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
-                    raise DatasetError(f"{path}:{n}: field {key!r} must be a {kind.__name__} (got {type(row.get(key)).__name__})")
-            label = row.get("label")
-            if label is not None and (not isinstance(label, str) or not label.strip()):
-                raise DatasetError(f"{path}:{n}: field 'label' must be a non-empty string or null")
-            if row["seq"] < 0 or not row["text"].strip() or not row["speaker"].strip():
-                raise DatasetError(f"{path}:{n}: seq must be >= 0, text and speaker non-empty")
-            utts = convs.setdefault(row["conversation_id"], {})
-            if row["seq"] in utts:
-                raise DatasetError(f"{path}:{n}: conversation {row['conversation_id']!r} has seq {row['seq']} twice")
-            utts[row["seq"]] = Utterance(row["text"], normalize_text(row["speaker"]), label.strip() if label else None)
+    for n, row in json_objects(path, DatasetError):
+        for key, kind in (("conversation_id", str), ("seq", int), ("speaker", str), ("text", str)):
+            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                raise DatasetError(f"{path}:{n}: field {key!r} must be a {kind.__name__} (got {type(row.get(key)).__name__})")
+        label = row.get("label")
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise DatasetError(f"{path}:{n}: field 'label' must be a non-empty string or null")
+        if row["seq"] < 0 or not row["text"].strip() or not row["speaker"].strip():
+            raise DatasetError(f"{path}:{n}: seq must be >= 0, text and speaker non-empty")
+        utts = convs.setdefault(row["conversation_id"], {})
+        if row["seq"] in utts:
+            raise DatasetError(f"{path}:{n}: conversation {row['conversation_id']!r} has seq {row['seq']} twice")
+        utts[row["seq"]] = Utterance(row["text"], normalize_text(row["speaker"]), label.strip() if label else None)
     if not convs:
         raise DatasetError(f"{path}: no utterances")
     return [Dialogue(cid, tuple(u for _, u in sorted(utts.items()))) for cid, utts in convs.items()]

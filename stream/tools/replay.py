@@ -29,9 +29,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.dialogue import json_objects
 from stream import kafka
-from stream.tools.scoring import SentUtterance
 from stream.settings import Settings
+from stream.tools.scoring import SentUtterance
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "call_center.jsonl"
 MAX_GAP_S = 5.0  # long pauses (scene changes in MELD, hold music) would only make a demo drag
@@ -111,19 +112,10 @@ def _load_emorynlp(path: Path, doc: dict) -> list[tuple[float, dict, str | None]
 
 def _load_jsonl(path: Path) -> list[tuple[float, dict, str | None]]:
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                msg = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg}); expected one JSON object per line") from None
-            if not isinstance(msg, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(msg).__name__}")
-            msg.pop("ts", None)  # stamped at send time
-            label = msg.pop("label", None)  # gold, for --score: the monitor never sees it
-            out.append((_spoken_seconds(msg), msg, label if isinstance(label, str) and label.strip() else None))
+    for _, msg in json_objects(path):
+        msg.pop("ts", None)  # stamped at send time
+        label = msg.pop("label", None)  # gold, for --score: the monitor never sees it
+        out.append((_spoken_seconds(msg), msg, label if isinstance(label, str) and label.strip() else None))
     return out
 
 
@@ -348,7 +340,13 @@ async def replay_scored(path: str | Path, bootstrap: str, utterances_topic: str 
     Stops once every utterance has a final event, or `timeout_s` after the last message was sent.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from stream.tools.scoring import score_replay
 
