@@ -3,8 +3,9 @@
     python -m stream.tools.passthrough      (configured from the environment, like `emotion-monitor worker`)
 
 Same faust app settings as the worker (built from the same `Settings`: broker, fetch wait, group
-timeouts, acks, partitions), the same micro-batching (`take_events(max_batch, within=max_wait_ms)`),
-the real validation of each message (`stream.core.validate.parse_message`), and one event per
+timeouts, acks, partitions), the same micro-batching (`stream.worker.app.micro_batches`: faust's
+`take_events(max_batch, within=max_wait_ms)`, the fetch wait following the backlog), the same faust
+Worker (`run_app`), the real validation of each message (`stream.core.validate.parse_message`), and one event per
 utterance of the same shape and size as a real emotion event (fixed scores), published to the
 emotions topic with the acks of a batch awaited together, as the worker does. No model, no Redis,
 no alert rules. What this process spends per message is what Kafka I/O alone costs a faust worker;
@@ -64,7 +65,7 @@ def passthrough_event(item: UtteranceMessage, labels: tuple[str, ...], model: di
 
 
 def build_passthrough_app(settings: Settings):
-    from stream.worker.app import make_app
+    from stream.worker.app import make_app, micro_batches
 
     app = make_app(settings)
     source = app.topic(settings.utterances_topic, partitions=settings.partitions)
@@ -73,7 +74,7 @@ def build_passthrough_app(settings: Settings):
 
     @app.agent(source, concurrency=1)
     async def passthrough(stream):
-        async for batch in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000.0):
+        async for batch in micro_batches(app, stream, settings):
             now = time.time()
             acks = []
             for e in batch:
@@ -89,9 +90,8 @@ def build_passthrough_app(settings: Settings):
 
 
 def main() -> None:
-    import faust
-
     from stream.kafka import create_topics
+    from stream.worker.app import run_app
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,7 +100,7 @@ def main() -> None:
     app = build_passthrough_app(settings)
     gc.collect()
     gc.freeze()  # as the worker does after start-up
-    faust.Worker(app, loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    run_app(app, settings)
 
 
 if __name__ == "__main__":

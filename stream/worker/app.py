@@ -11,6 +11,7 @@ kept whole, only its fetch wait is replaced before aiokafka creates its fetcher 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import faust
@@ -32,6 +33,13 @@ class _FetchTunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
                 raise RuntimeError("aiokafka no longer has AIOKafkaConsumer._fetch_max_wait_ms; update stream/worker/app.py")
             consumer._fetch_max_wait_ms = int(wait)
         return consumer
+
+    def set_fetch_wait(self, wait_ms: int) -> None:
+        """The fetch wait of the next fetch requests (the running consumer's fetcher reads it for
+        each request it builds; an int assignment, so any thread may set it)."""
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        if fetcher is not None and getattr(fetcher, "_fetch_max_wait_ms", wait_ms) != wait_ms:
+            fetcher._fetch_max_wait_ms = wait_ms
 
 
 class _Consumer(faust_aiokafka.Consumer):
@@ -55,6 +63,38 @@ class MonitorApp(faust.App):
         if url.startswith(("kafka://", "aiokafka://")):
             return _Transport(self.conf.broker_consumer, self)
         return super()._new_transport()
+
+
+# The fetch wait while a backlog is buffered (below): at most this, in ms.
+BACKLOG_FETCH_WAIT_MS = 250
+
+
+async def micro_batches(app: MonitorApp, stream, settings):
+    """The agent's micro-batches (the worker's and the passthrough's): faust's
+    `take_events(max_batch, within=max_wait_ms)`, with the fetch wait following the backlog.
+
+    The consumer asks the broker for more every `fetch_max_wait_ms` (10 ms: a fetch that finds
+    nothing new waits that long at the broker, and Tansu answers no sooner). While the worker is
+    busy with a backlog it already holds, those requests find nothing and cost CPU all the same:
+    a lagging worker made ~0.9 fetch requests per utterance at about 1 core-ms each, as much as
+    the rest of its own work. So while at least two batches wait in the app's buffer, the fetch
+    wait is the time the last batch took (at most BACKLOG_FETCH_WAIT_MS): a request that finds
+    records still returns at once, one that finds none waits about as long as the worker needs
+    for a batch anyway, and a message that arrives meanwhile is fetched before the worker could
+    take it. With less buffered the wait is `fetch_max_wait_ms` again (latency at low load is
+    unchanged)."""
+    short = settings.fetch_max_wait_ms
+    thread = getattr(app.consumer, "_thread", None)
+    tune = getattr(thread, "set_fetch_wait", None)
+    queue = getattr(stream.channel, "queue", None)
+    async for batch in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000.0):
+        t0 = time.monotonic()
+        yield batch
+        if tune is not None and queue is not None:
+            if queue.qsize() >= 2 * settings.max_batch:
+                tune(min(BACKLOG_FETCH_WAIT_MS, max(short, int((time.monotonic() - t0) * 1000))))
+            else:
+                tune(short)
 
 
 def make_app(settings) -> MonitorApp:
@@ -88,6 +128,27 @@ def make_app(settings) -> MonitorApp:
         store="memory://",
         datadir=str(datadir),
     )
+
+
+def run_app(app: MonitorApp, settings) -> None:
+    """Hand over to faust's worker (blocks until it stops): the monitor and the passthrough alike."""
+    faust_worker(app, settings).execute_from_commandline()
+
+
+def faust_worker(app: MonitorApp, settings):
+    """faust's Worker for `app`, logging at `settings.log_level`.
+
+    faust's Worker draws a terminal spinner, and to advance it on every log record it sets the
+    root logger to DEBUG whenever the log level is WARNING or above (faust 0.15.3,
+    Worker._setup_spinner_handler). Every debug line of aiokafka and faust (several per fetch and
+    produce request) was then built into a record and dispatched: 11 records per utterance in a
+    worker at EMOTION_MONITOR_LOG_LEVEL=warning. Without the spinner the root logger keeps the
+    configured level."""
+    import faust
+
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    worker.spinner = None
+    return worker
 
 
 def build_app(settings: Settings, scorer) -> MonitorApp:
@@ -130,7 +191,7 @@ def _add_agent(app: MonitorApp, settings: Settings, processor: BatchProcessor) -
 
     @app.agent(source, concurrency=1)
     async def monitor(stream):
-        async for batch in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000.0):
+        async for batch in micro_batches(app, stream, settings):
             msgs = [(e.message.key, e.message.value, e.message.partition, e.message.offset, e.message.timestamp)
                     for e in batch]
             try:

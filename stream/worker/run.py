@@ -13,11 +13,9 @@ log = logging.getLogger("emotion_monitor.worker")
 
 def run_worker(settings: Settings) -> None:
     """Load the model, make sure the topics exist, then hand over to faust's worker."""
-    import faust
-
     from model.scorer import Scorer
     from stream.kafka import create_topics, monitor_topics
-    from stream.worker.app import build_app
+    from stream.worker.app import build_app, run_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.torch_threads:
@@ -35,5 +33,4 @@ def run_worker(settings: Settings) -> None:
     # collection under load then took 4 ms.
     gc.collect()
     gc.freeze()
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
-    worker.execute_from_commandline()
+    run_app(app, settings)
