@@ -25,6 +25,9 @@ from stream.core.trajectory import Final, Trajectory
 
 MONITOR_VERSION = 2  # 2: packed trajectory (1 is still read)
 
+# json.dumps(header, separators=(",", ":")) without building an encoder per call: same bytes.
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
 
 def encode_state(state: ConversationState) -> bytes:
     header = {
@@ -44,14 +47,17 @@ def encode_state(state: ConversationState) -> bytes:
         "skipped": list(state.skipped),
         "monitor": monitor_to_dict(state.monitor),
     }
-    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + state.dialogue.to_bytes()
+    # The header and the model's bytes in one copy (to_bytes writes its prefix in place).
+    return state.dialogue.to_bytes(prefix=_json(header).encode() + b"\n")
 
 
 def decode_state(data: bytes) -> ConversationState:
-    head, _, body = data.partition(b"\n")
-    h = json.loads(head)
+    """The state stored as `data` (any layout this project ever wrote). Its model arrays are
+    read-only views of `data` (no copy)."""
+    end = data.index(b"\n")
+    h = json.loads(data[:end])
     return ConversationState(
-        dialogue=DialogueState.from_bytes(body),
+        dialogue=dialogue_of(data, end),
         last_seq=h["last_seq"],
         ended=h["ended"],
         context_reset=h["context_reset"],
@@ -69,6 +75,13 @@ def decode_state(data: bytes) -> ConversationState:
         version=h.get("version", 0),
         partition=h.get("partition"),
     )
+
+
+def dialogue_of(data: bytes, end: int | None = None) -> DialogueState:
+    """The model's part of stored state bytes (after the header line), as read-only views of
+    `data`; `end` is the header line's length when the caller knows it."""
+    end = data.index(b"\n") if end is None else end
+    return DialogueState.from_bytes(memoryview(data)[end + 1:])
 
 
 def _held_to_dict(h: Held) -> dict[str, Any]:

@@ -21,13 +21,14 @@ MGET / one script, which a cluster refuses (CROSSSLOT) unless they share a hash 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import redis.asyncio as aioredis
 import redis.exceptions as rx
 
-from stream.core.codec import decode_state, encode_state
+from stream.core.codec import decode_state, dialogue_of, encode_state
 from stream.core.conversation import ConversationState
 
 log = logging.getLogger("emotion_monitor.state")
@@ -110,14 +111,27 @@ def refusal_code(exc: BaseException) -> str | None:
     return None
 
 
+# Stored bytes of recently read or written states kept with their decoded state, at most this
+# many bytes of them (least recently used first out): ~1,000 conversations past a full window.
+KNOWN_BYTES = 64 << 20
+
+
 class StateStore:
     def __init__(self, client: aioredis.Redis, ttl_s: int, prefix: str = "em",
-                 on_quarantine: Callable[[str], None] | None = None):
+                 on_quarantine: Callable[[str], None] | None = None, known_bytes: int = KNOWN_BYTES):
         self.r = client
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.on_quarantine = on_quarantine
         self._save = client.register_script(SAVE_LUA)
+        # conversation id -> (its stored bytes, their decoded state). A worker reads back, with its
+        # conversation's next utterance, the bytes it wrote itself: when Redis returns exactly
+        # those bytes, their state is the one kept here and they are not decoded again (the
+        # header's JSON and the monitor's objects were a third of the batch's own CPU). The
+        # comparison is the whole byte string, so any other writer's state (another worker, a
+        # restart, an expiry and a new conversation under the same id) is decoded as before.
+        self._known: OrderedDict[str, tuple[bytes, ConversationState]] = OrderedDict()
+        self._known_bytes, self._known_budget = 0, known_bytes
 
     def _key(self, cid: str) -> str:
         return f"{self.prefix}:conv:{cid}"
@@ -161,19 +175,46 @@ class StateStore:
             return {}
         raw = await self.r.mget([self._key(c) for c in cids])
         out: dict[str, ConversationState | None] = {}
+        known = self._known
         for c, v in zip(cids, raw):
             if v is None:
+                self._forget(c)
                 out[c] = None
+                continue
+            kept = known.get(c)
+            if kept is not None and kept[0] == v:
+                known.move_to_end(c)
+                out[c] = kept[1]
                 continue
             try:
                 out[c] = decode_state(v)
             except Exception as exc:  # noqa: BLE001 - any undecodable state
                 await self.quarantine(c, f"state_undecodable:{type(exc).__name__}")
                 out[c] = None
+                continue
+            self._remember(c, v, out[c])
         return out
+
+    def _remember(self, cid: str, data: bytes, state: ConversationState) -> None:
+        """Keep `state` as the decoding of `data` (its model arrays must be views of `data`, so
+        that what is kept is the stored bytes and the header's objects, not a batch's arrays)."""
+        self._forget(cid)
+        if len(data) > self._known_budget:
+            return
+        self._known[cid] = (data, state)
+        self._known_bytes += len(data)
+        while self._known_bytes > self._known_budget:
+            _, (old, _) = self._known.popitem(last=False)
+            self._known_bytes -= len(old)
+
+    def _forget(self, cid: str) -> None:
+        kept = self._known.pop(cid, None)
+        if kept is not None:
+            self._known_bytes -= len(kept[0])
 
     async def quarantine(self, cid: str, reason: str) -> None:
         """Set a conversation's state aside (for inspection, same TTL); the idle timer forgets it."""
+        self._forget(cid)
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.copy(self._key(cid), self.quarantine_key(cid), replace=True)
             pipe.expire(self.quarantine_key(cid), self.ttl_s)
@@ -193,12 +234,15 @@ class StateStore:
             return set()
         keys: list[str] = []
         args: list = [self.ttl_s, owner[1] if owner else ""]
+        written: dict[str, tuple[bytes, ConversationState]] = {}
         for cid, conv in convs.items():
             p = partitions[cid]
             new = replace(conv, version=conv.version + 1, partition=p)
+            data = encode_state(new)
+            written[cid] = (data, new)
             keys += [self._key(cid), self._idle_key(p), self._open_key(p), self._gap_key(p)]
             live = not conv.ended
-            args += [cid, conv.version, encode_state(new),
+            args += [cid, conv.version, data,
                      conv.last_event_ts if live and conv.awaiting_final else "",
                      conv.last_event_ts if live else "",
                      min(h.event_ts for h in conv.held.values()) if live and conv.held else ""]
@@ -211,7 +255,13 @@ class StateStore:
             if code is None:
                 raise
             raise StateWriteRefused(code) from None  # not chained: its text quotes the state
-        return {f.decode() if isinstance(f, bytes) else f for f in fenced}
+        fenced = {f.decode() if isinstance(f, bytes) else f for f in fenced}
+        for cid, (data, new) in written.items():
+            if cid in fenced:
+                self._forget(cid)
+            else:  # what Redis now holds, and its state with the model arrays read from those bytes
+                self._remember(cid, data, replace(new, dialogue=dialogue_of(data)))
+        return fenced
 
     async def probe_write(self) -> str | None:
         """Readiness: write a tiny key. None when Redis accepts it, else the refusal code."""

@@ -1,0 +1,106 @@
+"""Conversation state bytes (stream.core.codec) and the state store's kept states: the stored
+format does not change, and a worker does not decode again the bytes it wrote itself."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from stream.core.codec import decode_state, encode_state
+from stream.core.conversation import ConversationState, UttMeta
+from stream.worker import state_store
+from stream.worker.state_store import StateStore
+
+FIXTURE = Path(__file__).parent / "data" / "state_before_issue15.b64"
+
+
+def _fixture() -> bytes:
+    """A state written by the codec as it was before issue 15 (tiny model, window 4: 40 utterances
+    with the default alert rules, two of them raised, and seqs 42 and 43 held for a missing 40)."""
+    return base64.b64decode(FIXTURE.read_text())
+
+
+def test_a_state_written_before_still_loads_and_is_written_back_byte_for_byte():
+    old = _fixture()
+    state = decode_state(old)
+    assert (state.version, state.partition, state.last_seq, state.dialogue.seen) == (7, 2, 39, 40)
+    assert sorted(state.held) == [42, 43] and sorted(state.awaiting_final) == [38, 39]
+    assert [a.rule for a in state.monitor.alerts] == ["customer_negative_streak", "customer_negative_streak_critical"]
+    assert len(state.monitor.trajectory) == 38 and state.dialogue.vectors.shape == (4, 32)
+    assert encode_state(state) == old  # the stored format is unchanged (old and new workers read each other's)
+
+
+def test_decoded_model_arrays_are_read_only_views_of_the_stored_bytes():
+    old = _fixture()
+    state = decode_state(old)
+    assert not state.dialogue.vectors.flags.writeable and not state.dialogue.vectors.flags.owndata
+
+
+def _store(redis_url: str, **kw) -> StateStore:
+    return StateStore(aioredis.from_url(redis_url), ttl_s=600, prefix=f"em:test-{uuid.uuid4().hex[:8]}", **kw)
+
+
+def _open(last_seq: int, ts: float = 100.0) -> ConversationState:
+    return ConversationState(last_seq=last_seq, last_event_ts=ts, awaiting_final={0: UttMeta(last_seq, "s", None, None, ts)})
+
+
+def test_kept_states_stay_within_their_byte_budget():
+    store = _store("redis://127.0.0.1:1", known_bytes=15_000)  # never connects
+    blob = _fixture()  # ~7 KB
+    state = decode_state(blob)
+    for cid in "abc":
+        store._remember(cid, blob, state)
+    assert list(store._known) == ["b", "c"] and store._known_bytes == 2 * len(blob)
+    store._remember("big", blob * 3, state)  # larger than the whole budget: not kept
+    assert "big" not in store._known and store._known_bytes == 2 * len(blob)
+
+
+@pytest.mark.integration
+def test_the_state_a_worker_wrote_is_not_decoded_again_but_anyone_elses_is(stack, monkeypatch):
+    decoded = []
+
+    def counting(data):
+        decoded.append(data)
+        return decode_state(data)
+
+    monkeypatch.setattr(state_store, "decode_state", counting)
+
+    async def go():
+        mine, other = _store(stack.redis_url), None
+        try:
+            other = StateStore(aioredis.from_url(stack.redis_url), 600, prefix=mine.prefix)
+            assert await mine.save({"c": replace(decode_state(_fixture()), version=0)}, {"c": 3}) == set()
+            first = (await mine.load(["c"]))["c"]
+            again = (await mine.load(["c"]))["c"]
+            assert decoded == [] and first is again
+            # what it holds is what decoding the stored bytes gives
+            stored = await mine.r.get(mine._key("c"))
+            assert encode_state(first) == stored and (first.version, first.partition) == (1, 3)
+            assert decode_state(stored).dialogue.vectors.tolist() == first.dialogue.vectors.tolist()
+            # another worker writes the conversation: its bytes are decoded
+            theirs = (await other.load(["c"]))["c"]
+            assert len(decoded) == 1
+            assert await other.save({"c": replace(theirs, last_seq=40)}, {"c": 3}) == set()
+            now = (await mine.load(["c"]))["c"]
+            assert len(decoded) == 2 and now.last_seq == 40 and now.version == 2
+            # a fenced write is not kept: the stored (newer) state is read
+            assert await mine.save({"c": replace(first, last_seq=99)}, {"c": 3}) == {"c"}
+            assert (await mine.load(["c"]))["c"].last_seq == 40
+            # a state that is gone is gone (quarantined, expired), also from what is kept
+            await mine.r.delete(mine._key("c"))
+            assert (await mine.load(["c"]))["c"] is None and "c" not in mine._known
+            assert await mine.save({"d": _open(0)}, {"d": 0}) == set()
+            await mine.quarantine("d", "test")
+            assert "d" not in mine._known and (await mine.load(["d"]))["d"] is None
+        finally:
+            await mine.r.aclose()
+            if other is not None:
+                await other.r.aclose()
+
+    asyncio.run(go())
