@@ -5,7 +5,7 @@
 Same faust app settings as the worker (built from the same `Settings`: broker, fetch wait, group
 timeouts, acks, partitions), the same micro-batching (`stream.worker.app.micro_batches`: faust's
 `take_events(max_batch, within=max_wait_ms)`, the fetch wait following the backlog), the same faust
-Worker (`run_app`), the real validation of each message (`stream.core.validate.parse_message`), and one event per
+Worker (`run_app`), the same producer path (`producer_send`), the real validation of each message (`stream.core.validate.parse_message`), and one event per
 utterance of the same shape and size as a real emotion event (fixed scores), published to the
 emotions topic with the acks of a batch awaited together, as the worker does. No model, no Redis,
 no alert rules. What this process spends per message is what Kafka I/O alone costs a faust worker;
@@ -65,11 +65,11 @@ def passthrough_event(item: UtteranceMessage, labels: tuple[str, ...], model: di
 
 
 def build_passthrough_app(settings: Settings):
-    from stream.worker.app import make_app, micro_batches
+    from stream.worker.app import make_app, micro_batches, producer_send
 
     app = make_app(settings)
     source = app.topic(settings.utterances_topic, partitions=settings.partitions)
-    emotions = app.topic(settings.emotions_topic, partitions=settings.partitions)
+    send = producer_send(app)
     labels, model = model_identity(settings.model_path)
 
     @app.agent(source, concurrency=1)
@@ -80,8 +80,8 @@ def build_passthrough_app(settings: Settings):
             for e in batch:
                 parsed = parse_message(e.message.value, e.message.key, settings.max_message_bytes, settings.max_text_chars)
                 if isinstance(parsed, UtteranceMessage):
-                    acks.append(await emotions.send(key=parsed.conversation_id.encode(),
-                                                    value=encode_record(passthrough_event(parsed, labels, model, now))))
+                    acks.append(await send(settings.emotions_topic, parsed.conversation_id.encode(),
+                                           encode_record(passthrough_event(parsed, labels, model, now))))
                 elif isinstance(parsed, Rejected):
                     log.warning("passthrough: a message was rejected (%s)", parsed.error)
             await asyncio.gather(*acks)

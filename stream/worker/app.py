@@ -97,6 +97,9 @@ async def micro_batches(app: MonitorApp, stream, settings):
                 tune(short)
 
 
+PRODUCER_BATCH_BYTES = 256 * 1024
+
+
 def make_app(settings) -> MonitorApp:
     """The app every worker of this project runs (the monitor, the bench's passthrough), built from
     one Settings object: broker, fetch wait, group timeouts, acks, web port, credentials."""
@@ -127,7 +130,36 @@ def make_app(settings) -> MonitorApp:
         autodiscover=False,
         store="memory://",
         datadir=str(datadir),
+        # A batch's records go out in one produce request. With aiokafka's 16 KB batches a
+        # worker batch's events (~75 KB) filled the batches of the emotions partitions, and each
+        # full one made the publishing loop wait until the sender had taken it: ~20 produce
+        # requests per micro-batch. A record larger than this still goes out alone, up to the
+        # producer's request limit (1 MB, below a broker's default message limit).
+        producer_max_batch_size=PRODUCER_BATCH_BYTES,
     )
+
+
+def producer_send(app: MonitorApp):
+    """`send(topic, key, value)` for the worker's output records (the monitor's and the
+    passthrough's): queues the record with the app's producer and returns its ack future
+    (awaiting `send` itself only queues, in call order; the future resolves with the broker's ack).
+
+    This is what faust's `Topic.send` ends in (the app's producer, faust's `ProducerSendError`
+    around aiokafka's errors, the same record: no partition, timestamp or headers of ours)
+    without what it does around every record: channel, pending- and future-message objects,
+    sensors, callbacks, and `app.maybe_start_producer()`, whose stampede guard yields to the
+    event loop three times per call. Those yields let the producer's sender run between the
+    records of a batch: ~20 produce requests per micro-batch instead of one or two, and three
+    event-loop turns per record."""
+    producer = None
+
+    async def send(topic: str, key: bytes | None, value: bytes):
+        nonlocal producer
+        if producer is None:  # started by the worker before any agent runs; once is enough
+            producer = await app.maybe_start_producer()
+        return await producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+
+    return send
 
 
 def run_app(app: MonitorApp, settings) -> None:
@@ -155,14 +187,7 @@ def build_app(settings: Settings, scorer) -> MonitorApp:
     """The worker's faust app: its agent, idle timer and web pages around one BatchProcessor."""
     app = make_app(settings)
     store = _state_store(settings)
-    topics = {name: app.topic(name, partitions=settings.partitions)
-              for name in (settings.emotions_topic, settings.alerts_topic, settings.summaries_topic, settings.dlq_topic)}
-
-    async def publish(topic: str, key: bytes | None, value: bytes):
-        # Returns the ack future: awaiting send() itself only queues, in call order.
-        return await topics[topic].send(key=key, value=value)
-
-    processor = BatchProcessor(settings, scorer, store, publish)
+    processor = BatchProcessor(settings, scorer, store, producer_send(app))
     app.processor = processor  # for tests and metrics
     processor.owns = lambda p: p in _assigned(app, settings)
     _add_agent(app, settings, processor)
