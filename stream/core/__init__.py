@@ -4,5 +4,6 @@
 - conversation: a batch of inputs -> new conversation states and what to publish;
 - rules, monitor, trajectory, risk, summary: the alert rules over final events, the summary;
 - events: ids and encoding every output record shares; codec: the stored state's bytes;
+- frozen: `evolve`, a cheap `dataclasses.replace` for the core's frozen records;
 - contract: the JSON Schemas of the topics.
 """

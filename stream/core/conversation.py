@@ -36,12 +36,14 @@ import numpy as np
 
 from model.streaming import DialogueState, Scored, finalize
 from stream.core.events import event_id, model_field
+from stream.core.frozen import check_evolvable, evolve
 from stream.core.monitor import MonitorState, on_final
 from stream.core.rules import Rule
 from stream.core.summary import summarize
 from stream.core.validate import EndMessage, Rejected, UtteranceMessage
 
 
+@check_evolvable
 @dataclass(frozen=True)
 class UttMeta:
     """What an utterance keeps until its final event (no text unless text echo is on)."""
@@ -56,6 +58,7 @@ class UttMeta:
     gap: bool = False  # seqs before it were skipped (never arrived within the gap wait)
 
 
+@check_evolvable
 @dataclass(frozen=True)
 class Held:
     """An utterance that arrived after a hole in seq, waiting for the missing ones (no text kept
@@ -70,6 +73,7 @@ class Held:
 MAX_SKIPPED = 64  # skipped seqs remembered (a late one goes to the DLQ as seq_late)
 
 
+@check_evolvable
 @dataclass(frozen=True)
 class ConversationState:
     """Everything the worker stores for one conversation (stream.core.codec writes it)."""
@@ -150,7 +154,7 @@ def _event(cfg: ConversationConfig, cid: str, conv: ConversationState, meta: Utt
         "speaker": meta.speaker,
         "role": meta.role,
         "emotion": label,
-        "scores": {lab: round(float(p), 5) for lab, p in zip(cfg.labels, probs)},
+        "scores": dict(zip(cfg.labels, [round(p, 5) for p in probs.tolist()])),
         "status": status,
         "model": model_field(cfg.model_id),
         "context_reset": conv.context_reset,
@@ -195,8 +199,8 @@ def _emit_scores(cfg: ConversationConfig, cid: str, conv: ConversationState, sco
         if s.final:
             awaiting.pop(s.position)
         else:
-            awaiting[s.position] = replace(meta, label=label)
-    return replace(conv, awaiting_final=awaiting, monitor=monitor)
+            awaiting[s.position] = evolve(meta, label=label)
+    return evolve(conv, awaiting_final=awaiting, monitor=monitor)
 
 
 def _writer_cfg(cfg: ConversationConfig, conv: ConversationState) -> ConversationConfig:
@@ -216,7 +220,7 @@ def flush_conversation(cfg: ConversationConfig, cid: str, conv: ConversationStat
     positions again; those already final are no longer in `awaiting_final`, so `_emit_scores`
     says nothing about them: a final is never revised or emitted twice."""
     dialogue, scored = finalize(conv.dialogue)
-    conv = replace(conv, dialogue=dialogue)
+    conv = evolve(conv, dialogue=dialogue)
     return _emit_scores(_writer_cfg(cfg, conv), cid, conv, scored, now, conv.last_seq, out)
 
 
@@ -225,7 +229,7 @@ def end_conversation(cfg: ConversationConfig, cid: str, conv: ConversationState,
     """Finalise the utterances awaiting a final, publish the conversation's summary, keep a tombstone."""
     conv = flush_conversation(cfg, cid, conv, now, out)
     out.summaries.append(summarize(conv.monitor, cid, ended_by, cfg.model_id, now))
-    return replace(conv, ended=True, ended_by=ended_by, last_activity=now).tombstone()
+    return evolve(conv, ended=True, ended_by=ended_by, last_activity=now).tombstone()
 
 
 def on_idle(cfg: ConversationConfig, conversations: dict[str, ConversationState | None],
@@ -372,11 +376,11 @@ def _take_held(cid: str, work, queue: list, convs, conv: ConversationState | Non
     if gap:
         skipped = tuple(range(conv.last_seq + 1, seq))
         out.gaps_skipped += len(skipped)
-        conv = replace(conv, skipped=(conv.skipped + skipped[-MAX_SKIPPED:])[-MAX_SKIPPED:])
-    convs[cid] = replace(conv, held=rest)
+        conv = evolve(conv, skipped=(conv.skipped + skipped[-MAX_SKIPPED:])[-MAX_SKIPPED:])
+    convs[cid] = evolve(conv, held=rest)
     if work == _RELEASE and rest:
         queue.insert(0, _RELEASE)  # the rest after this one, in seq order
-    return _Ready(cid, replace(held.meta, gap=gap), held.digest, held.event_ts, np.frombuffer(held.vector_bytes, dtype=np.float32))
+    return _Ready(cid, evolve(held.meta, gap=gap), held.digest, held.event_ts, np.frombuffer(held.vector_bytes, dtype=np.float32))
 
 
 def _take_input(cfg, cid: str, i: int, queue: list, convs, conv: ConversationState | None, inputs: _Inputs,
@@ -402,7 +406,7 @@ def _take_input(cfg, cid: str, i: int, queue: list, convs, conv: ConversationSta
     meta = UttMeta(item.seq, item.speaker, item.role, item.ts, now, text=item.text if cfg.echo_text else None)
     if verdict == "hold":
         held = {**conv.held, item.seq: Held(meta, item.digest, ts, np.asarray(inputs.vectors[i], np.float32).tobytes())}
-        convs[cid] = replace(conv, held=held)
+        convs[cid] = evolve(conv, held=held)
         if len(held) > cfg.window:  # bounded: do not wait for more than a window's worth
             queue.insert(0, _RELEASE)
         return None
@@ -434,7 +438,7 @@ def _applied(cfg: ConversationConfig, conv: ConversationState, r: _Ready, dialog
     """The conversation after the model stepped utterance `r` (its events not yet emitted)."""
     recent = {s: d for s, d in conv.recent.items() if s > r.meta.seq - cfg.window}
     recent[r.meta.seq] = r.digest
-    return replace(conv, dialogue=dialogue, last_seq=r.meta.seq, last_activity=now, model_id=cfg.model_id,
+    return evolve(conv, dialogue=dialogue, last_seq=r.meta.seq, last_activity=now, model_id=cfg.model_id,
                    labels=tuple(cfg.labels), last_event_ts=max(conv.last_event_ts, r.event_ts),
                    awaiting_final={**conv.awaiting_final, dialogue.seen - 1: r.meta}, recent=recent)
 
@@ -446,7 +450,7 @@ def _restart_for_model(cfg: ConversationConfig, cid: str, conv: ConversationStat
     starts over (`context_reset`); seq bookkeeping, held utterances and the summary carry on."""
     conv = flush_conversation(cfg, cid, conv, now, out)
     out.model_changes += 1
-    return replace(conv, dialogue=DialogueState(), awaiting_final={}, context_reset=True, model_id=cfg.model_id,
+    return evolve(conv, dialogue=DialogueState(), awaiting_final={}, context_reset=True, model_id=cfg.model_id,
                    labels=tuple(cfg.labels))
 
 

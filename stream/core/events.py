@@ -43,9 +43,14 @@ def model_id_of(model: dict[str, Any]) -> str:
     return f"{model['name']}@{model['version']}"
 
 
+# json.dumps(obj, ensure_ascii=False, separators=(",", ":")) builds an encoder per call; one is
+# enough (same bytes).
+_record_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def encode_record(obj: dict[str, Any]) -> bytes:
     """A record's value on the topics: compact UTF-8 JSON."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _record_json(obj).encode("utf-8")
 
 
 def dead_letter(error: str, reason: str, topic: str, partition: int, offset: int, key: bytes | None,

@@ -18,10 +18,11 @@ the last MAX_TRAJECTORY finals (stream.core.trajectory).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from stream.core.events import alert_id, model_field, model_id_of
+from stream.core.frozen import check_evolvable, evolve
 from stream.core.risk import group_key, history_size, negative_emotions, rules_for
 from stream.core.rules import Rule
 from stream.core.trajectory import MAX_TRAJECTORY, Final, Trajectory
@@ -51,6 +52,7 @@ class AlertRef:
                 "seq_from": self.seq_from, "seq_to": self.seq_to}
 
 
+@check_evolvable
 @dataclass(frozen=True)
 class Group:
     """Rule state of one role (or, for null roles, one speaker) in one conversation."""
@@ -67,6 +69,7 @@ class Group:
     open: tuple[AlertRef, ...] = ()  # raised alerts not yet recovered
 
 
+@check_evolvable
 @dataclass(frozen=True)
 class MonitorState:
     """Alert/summary state of one conversation. Immutable: on_final returns a new one; stored by
@@ -183,7 +186,7 @@ def _recovered(rules: Sequence[Rule], g: Group, calm: dict[str, tuple[int, int]]
         if r.kind != "recovery" or not g.open or calm[r.name][0] < r.m:
             continue
         run, since = calm[r.name]
-        return [_alert_event(ctx, a.rule, "recovered", r.severity, replace(g, speaker=a.speaker), since, f.seq,
+        return [_alert_event(ctx, a.rule, "recovered", r.severity, evolve(g, speaker=a.speaker), since, f.seq,
                              f"{_who(g)}: no {' or '.join(r.emotions)} in the last {run} utterances (seq {since}-{f.seq}), "
                              f"rule {r.name}; closes the {a.severity} alert of seq {a.seq_from}-{a.seq_to}", a.alert_id)
                 for a in g.open]
@@ -192,16 +195,16 @@ def _recovered(rules: Sequence[Rule], g: Group, calm: dict[str, tuple[int, int]]
 
 def _update_group(rules: Sequence[Rule], g: Group, f: Final, ctx: _Context, size: int) -> tuple[Group, list[dict[str, Any]]]:
     """One final of the group through its rules: recovery runs, raises, recoveries."""
-    g = replace(g, speaker=f.speaker, count=g.count + 1, last_seq=f.seq, last_finals=(g.last_finals + (f,))[-size:],
+    g = evolve(g, speaker=f.speaker, count=g.count + 1, last_seq=f.seq, last_finals=(g.last_finals + (f,))[-size:],
                 negative=(g.negative + (f.emotion in negative_emotions(rules),))[-size:])
     calm = _calm_runs(rules, g, f)
     raised = _raised(rules, g, ctx)
     if raised:  # calm runs start after the latest raise
         calm = {n: (0, f.seq) for n in calm}
-    g = replace(g, open=g.open + tuple(_ref(ev, speaker=True) for ev in raised),
+    g = evolve(g, open=g.open + tuple(_ref(ev, speaker=True) for ev in raised),
                 last_raised=tuple({**dict(g.last_raised), **{ev["rule"]: g.count for ev in raised}}.items()))
     recovered = _recovered(rules, g, calm, f, ctx)
-    g = replace(g, open=() if recovered else g.open, calm=tuple((n, run, since) for n, (run, since) in calm.items()))
+    g = evolve(g, open=() if recovered else g.open, calm=tuple((n, run, since) for n, (run, since) in calm.items()))
     return g, raised + recovered
 
 
@@ -219,7 +222,7 @@ def _with_final(state: MonitorState, f: Final) -> MonitorState:
     peaks = state.peaks
     if not _is_neutral(f.emotion):
         peaks = tuple(sorted(peaks + (f,), key=lambda p: (-p.score, p.seq))[:N_PEAKS])
-    return replace(state, last_seq=f.seq, final_count=state.final_count + 1, trajectory=state.trajectory.append(f),
+    return evolve(state, last_seq=f.seq, final_count=state.final_count + 1, trajectory=state.trajectory.append(f),
                    trajectory_truncated=state.trajectory_truncated or len(state.trajectory) >= MAX_TRAJECTORY,
                    peaks=peaks, distribution=_add_count(state.distribution, f.role if f.role is not None else f.speaker,
                                                         f.emotion))
@@ -253,6 +256,6 @@ def on_final(rules: Sequence[Rule], state: MonitorState, event: dict[str, Any],
     ctx = _Context(model_id_of(event["model"]), event["conversation_id"], now)
     groups, out = _with_rules(rules, state.groups, f, ctx)
     alerts = state.alerts + tuple(_ref(ev) for ev in out)
-    state = replace(_with_final(state, f), groups=groups, alerts=alerts[-MAX_ALERTS:],
+    state = evolve(_with_final(state, f), groups=groups, alerts=alerts[-MAX_ALERTS:],
                     alerts_truncated=state.alerts_truncated or len(alerts) > MAX_ALERTS)
     return state, out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import Any
 
 from stream.core.conversation import Outcome
@@ -55,8 +56,9 @@ class Publisher:
             self.metrics.alerts.labels(a["severity"], a["kind"]).inc()
         for m in outcome.summaries:
             self.metrics.summaries.labels(m["ended_by"]).inc()
-        for ev in outcome.events:
-            self.metrics.events_out.labels(ev["status"]).inc()
+        # Two or more events per utterance: one labelled-counter increment per status and batch.
+        for status, n in Counter(ev["status"] for ev in outcome.events).items():
+            self.metrics.events_out.labels(status).inc(n)
         for rec in dlq:
             self.metrics.dlq.labels(rec["error"]).inc()
             # The error code only: the bytes, and reasons built from them, may hold producer text.
