@@ -17,6 +17,10 @@ Figures (same utterances, same model, same machine, one run, since this machine 
   path_utt_per_s_b64 / _b256  the step path with the encoder stubbed out (state decode, logic and
                            model step, events and alert rules, state encode; stream/tools/pathbench.py),
                            one utterance each for 64 / 256 conversations, in this process
+  path_model_step_ms_per_utt  of that path at 64 conversations, the model's own step (model.streaming.step)
+                           per utterance: part of the worker's figure above that no stream-side change removes
+  overhead_beyond_model_vs_passthrough  (worker_overhead_core_ms_per_utt - path_model_step_ms_per_utt)
+                           / passthrough_core_ms_per_msg: what the stream side adds, against the same floor
 Before the JSON line it prints where the CPU went during the sustained phase (core-ms per
 utterance for the worker, the broker, Redis and the bench's own load generator and consumer,
 from /proc) and the rate the machine's cores allow at that cost.
@@ -354,6 +358,7 @@ def bench_result(m: dict, scorer) -> dict:
     """The JSON line (the figures of the module docstring)."""
     p50, p99 = np.percentile(m["latencies"], [50, 99])
     overhead = worker_overhead(m["cpu"], m["enc_cpu"])
+    step = model_step_ms(m["paths"][64])
     return {
         "encoder_utt_per_s": round(m["enc"], 1),
         "pipeline_utt_per_s": round(m["pipe"], 1),
@@ -368,6 +373,9 @@ def bench_result(m: dict, scorer) -> dict:
         "overhead_vs_passthrough": _round(overhead / m["pt_cpu"] if overhead is not None and m["pt_cpu"] else None, 3),
         "path_utt_per_s_b64": round(m["paths"][64].utt_per_s, 1),
         "path_utt_per_s_b256": round(m["paths"][256].utt_per_s, 1),
+        "path_model_step_ms_per_utt": round(step, 3),
+        "overhead_beyond_model_vs_passthrough": _round((overhead - step) / m["pt_cpu"]
+                                                       if overhead is not None and m["pt_cpu"] else None, 3),
     }
 
 
@@ -384,7 +392,7 @@ def print_figures(m: dict, workers: int, conversations: int, max_batch: int) -> 
     print(f"step cost {m['short_ms']:.2f} ms at position 5, {m['long_ms']:.2f} ms at 200: "
           f"ratio {m['long_ms'] / m['short_ms']:.3f}")
     print_cpu(m["cpu"], m["enc_cpu"], pipe)
-    print_overhead(worker_overhead(m["cpu"], m["enc_cpu"]), m["pt_cpu"], m["pt_rate"])
+    print_overhead(worker_overhead(m["cpu"], m["enc_cpu"]), m["pt_cpu"], m["pt_rate"], model_step_ms(m["paths"][64]))
     for b, r in m["paths"].items():
         print(f"path b{b:<4} {r.utt_per_s:8.1f} utt/s  (encoder stubbed: {r.ms_per_batch:.1f} ms per batch of {b}; "
               f"ms per batch: {format_stages(r)}; {r.utt_per_s / enc:.2f} x encoder)")
@@ -416,7 +424,14 @@ def worker_overhead(cpu: dict[str, float], encoder_cpu_ms: float | None) -> floa
     return sum(in_workers) - encoder_cpu_ms
 
 
-def print_overhead(overhead: float | None, passthrough_cpu_ms: float | None, passthrough_rate: float) -> None:
+def model_step_ms(path) -> float:
+    """The model's own step (model.streaming.step) per utterance in the step path (single-threaded
+    in this process, so its wall time is its CPU time)."""
+    return path.stages_ms["model_step"] / path.batch
+
+
+def print_overhead(overhead: float | None, passthrough_cpu_ms: float | None, passthrough_rate: float,
+                   model_step_ms_per_utt: float | None = None) -> None:
     """The worker's own work beyond the encoder against what Kafka I/O alone costs a faust worker."""
     pt = "n/a" if passthrough_cpu_ms is None else f"{passthrough_cpu_ms:.2f} core-ms/msg"
     print(f"passthrough {passthrough_rate:8.1f} msg/s  ({pt}; faust + validation + one event per utterance, "
@@ -424,6 +439,10 @@ def print_overhead(overhead: float | None, passthrough_cpu_ms: float | None, pas
     if overhead is not None and passthrough_cpu_ms:
         print(f"  worker beyond the encoder {overhead:.2f} core-ms/utt = {overhead / passthrough_cpu_ms:.2f} x passthrough "
               "(target <= 2.0)")
+        if model_step_ms_per_utt is not None:
+            rest = overhead - model_step_ms_per_utt
+            print(f"  of which the model's step ~{model_step_ms_per_utt:.2f} (step path, 64 conversations); the rest "
+                  f"{rest:.2f} core-ms/utt = {rest / passthrough_cpu_ms:.2f} x passthrough")
 
 
 def _round(x: float | None, digits: int) -> float | None:
