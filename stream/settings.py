@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for conversation state")
     redis_password: SecretStr | None = Field(None, description="Redis AUTH password (never logged); TLS: use a rediss:// URL")
     state_ttl_s: int = Field(86400, ge=1, description="idle conversations' state expires after this (longer than the abandonment timeout); ended ones keep a small tombstone as long")
+    # The model part of a stored state has two formats (model/streaming.py): 2, compact (the
+    # default), and 1, what workers before the compact one read and write. New workers read both;
+    # old ones read only 1. A rolling upgrade sets 1 on the new workers while old ones still run
+    # (CHANGELOG.md), then drops it.
+    state_format: int = Field(2, ge=1, le=2, description="format of the model part of stored states: 2 (compact, default) or 1 (readable by workers older than 2; for a rolling upgrade, then remove)")
     # ---- worker: model and streaming semantics ----------------------------------------
     model_path: Path = Field(DEFAULT_MODEL, description="trained artifact folder")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")

@@ -29,7 +29,9 @@ MONITOR_VERSION = 2  # 2: packed trajectory (1 is still read)
 _json = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def encode_state(state: ConversationState) -> bytes:
+def encode_state(state: ConversationState, model_format: int = 2) -> bytes:
+    """The stored bytes of `state`; `model_format` is that of its model part (DialogueState.to_bytes:
+    2 compact, 1 the first format, which workers before the compact one can read)."""
     header = {
         "version": state.version,  # first: the store's Lua script reads it with a pattern
         "partition": state.partition,
@@ -48,7 +50,7 @@ def encode_state(state: ConversationState) -> bytes:
         "monitor": monitor_to_dict(state.monitor),
     }
     # The header and the model's bytes in one copy (to_bytes writes its prefix in place).
-    return state.dialogue.to_bytes(prefix=_json(header).encode() + b"\n")
+    return state.dialogue.to_bytes(version=model_format, prefix=_json(header).encode() + b"\n")
 
 
 def decode_state(data: bytes) -> ConversationState:

@@ -203,7 +203,7 @@ def _state_store(settings: Settings) -> StateStore:
     client = aioredis.from_url(settings.redis_url, password=password, socket_connect_timeout=5, socket_timeout=10)
     # Keys are namespaced by app id: two deployments (say a MELD and an EmoryNLP model) can share
     # one Redis without one's idle timer finalising the other's conversations. Redis Cluster: not supported.
-    return StateStore(client, settings.state_ttl_s, prefix=f"em:{settings.app_id}")
+    return StateStore(client, settings.state_ttl_s, prefix=f"em:{settings.app_id}", state_format=settings.state_format)
 
 
 def _assigned(app: MonitorApp, settings: Settings) -> set[int]:

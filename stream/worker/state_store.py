@@ -118,8 +118,10 @@ KNOWN_BYTES = 64 << 20
 
 class StateStore:
     def __init__(self, client: aioredis.Redis, ttl_s: int, prefix: str = "em",
-                 on_quarantine: Callable[[str], None] | None = None, known_bytes: int = KNOWN_BYTES):
+                 on_quarantine: Callable[[str], None] | None = None, known_bytes: int = KNOWN_BYTES,
+                 state_format: int = 2):
         self.r = client
+        self.state_format = state_format  # of the model part of the states it writes (Settings.state_format)
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.on_quarantine = on_quarantine
@@ -238,7 +240,7 @@ class StateStore:
         for cid, conv in convs.items():
             p = partitions[cid]
             new = replace(conv, version=conv.version + 1, partition=p)
-            data = encode_state(new)
+            data = encode_state(new, self.state_format)
             written[cid] = (data, new)
             keys += [self._key(cid), self._idle_key(p), self._open_key(p), self._gap_key(p)]
             live = not conv.ended

@@ -104,3 +104,36 @@ def test_the_state_a_worker_wrote_is_not_decoded_again_but_anyone_elses_is(stack
                 await other.r.aclose()
 
     asyncio.run(go())
+
+
+def test_a_rolling_upgrade_writes_states_the_workers_before_the_compact_format_read(stack):
+    """EMOTION_MONITOR_STATE_FORMAT=1: the model part of every state written is in the first format
+    (what workers before the compact one read: tests/model/test_streaming.py's old_from_bytes), and
+    new workers still read it back as the same state."""
+    from stream.settings import Settings
+    from stream.worker.app import _state_store
+    from tests.model.test_streaming import old_from_bytes
+
+    assert _state_store(Settings(state_format=1)).state_format == 1 and _state_store(Settings()).state_format == 2
+
+    async def go():
+        store = _store(stack.redis_url, state_format=1)
+        try:
+            state = replace(decode_state(_fixture()), version=0)
+            assert await store.save({"c": state}, {"c": 3}) == set()
+            stored = await store.r.get(store._key("c"))
+            model_part = stored[stored.index(b"\n") + 1:]
+            assert model_part[8:9] == b"{"  # safetensors: header length, then its JSON
+            was = old_from_bytes(model_part)
+            d = state.dialogue
+            assert (was["seen"], was["parties"], sorted(was["pending"])) == (d.seen, d.parties, sorted(d.pending))
+            assert was["vectors"].tolist() == d.vectors.tolist() and was["fwd"].tolist() == d.fwd.tolist()
+            back = decode_state(stored)
+            assert back.dialogue.vectors.tolist() == d.vectors.tolist() and back.last_seq == state.last_seq
+            # (safetensors orders its metadata keys differently from call to call: compare states, not bytes)
+            again = decode_state(encode_state(back, model_format=1))
+            assert again.dialogue.fwd.tolist() == d.fwd.tolist() and again.dialogue.pending.keys() == d.pending.keys()
+        finally:
+            await store.r.aclose()
+
+    asyncio.run(go())
