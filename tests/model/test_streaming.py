@@ -326,3 +326,20 @@ def test_the_kernel_follows_weight_changes(tiny_model):
     final = torch.softmax(logits, -1).numpy()
     for pos, v in ref.items():
         np.testing.assert_allclose(v, final[pos], atol=1e-6)
+
+
+def test_the_kernel_is_kept_until_a_module_is_replaced_or_weights_are_loaded(tiny_model):
+    """stream_kernel reuses the prepared kernel while nothing changed and builds it again after
+    load_state_dict (in place) or when one of the modules it reads is replaced."""
+    import copy
+
+    kern = stream_kernel(tiny_model)
+    assert stream_kernel(tiny_model) is kern
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.emotion_head[3].bias.add_(1.0)
+    tiny_model.load_state_dict(other.state_dict())
+    loaded = stream_kernel(tiny_model)
+    assert loaded is not kern and stream_kernel(tiny_model) is loaded
+    tiny_model.emotion_head = copy.deepcopy(other.emotion_head)  # the same values, another module
+    assert stream_kernel(tiny_model) is not loaded
