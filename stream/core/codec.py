@@ -1,6 +1,6 @@
 """The one codec for conversation state bytes: what the worker stores in Redis per conversation.
 
-Layout: a JSON header (one line: json.dumps escapes newlines, so the first b"\\n" ends it), then
+Layout: a JSON header (one line: JSON escapes newlines in strings, so the first b"\\n" ends it), then
 the model's own dialogue state bytes (`model.streaming.DialogueState.to_bytes`, the model
 package's format). The header's first field is the fencing `version`: the state store's Lua script
 reads it with a pattern.
@@ -15,18 +15,18 @@ before a field existed are read with its default.
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
+
+import orjson
 
 from model.streaming import DialogueState
 from stream.core.conversation import ConversationState, Held, UttMeta
+from stream.core.events import dump_json
 from stream.core.monitor import AlertRef, Group, MonitorState
 from stream.core.trajectory import Final, Trajectory
 
 MONITOR_VERSION = 2  # 2: packed trajectory (1 is still read)
 
-# json.dumps(header, separators=(",", ":")) without building an encoder per call: same bytes.
-_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def encode_state(state: ConversationState, model_format: int = 2) -> bytes:
@@ -50,14 +50,14 @@ def encode_state(state: ConversationState, model_format: int = 2) -> bytes:
         "monitor": monitor_to_dict(state.monitor),
     }
     # The header and the model's bytes in one copy (to_bytes writes its prefix in place).
-    return state.dialogue.to_bytes(version=model_format, prefix=_json(header).encode() + b"\n")
+    return state.dialogue.to_bytes(version=model_format, prefix=dump_json(header) + b"\n")
 
 
 def decode_state(data: bytes) -> ConversationState:
     """The state stored as `data` (any layout this project ever wrote). Its model arrays are
     read-only views of `data` (no copy)."""
     end = data.index(b"\n")
-    h = json.loads(data[:end])
+    h = orjson.loads(data[:end])
     return ConversationState(
         dialogue=dialogue_of(data, end),
         last_seq=h["last_seq"],

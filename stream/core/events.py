@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from typing import Any
+
+import numpy as np
+import orjson
 
 
 def stable_id(*parts: object) -> str:
@@ -43,14 +45,22 @@ def model_id_of(model: dict[str, Any]) -> str:
     return f"{model['name']}@{model['version']}"
 
 
-# json.dumps(obj, ensure_ascii=False, separators=(",", ":")) builds an encoder per call; one is
-# enough (same bytes).
-_record_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+def _numpy_scalar(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dump_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON (orjson): every record on the topics and every stored state header.
+    Readers see what the standard library wrote before, but for the spelling of some floats
+    (1e-05 is now 0.00001) and non-ASCII text in headers, now UTF-8 rather than \\u escapes."""
+    return orjson.dumps(obj, default=_numpy_scalar)
 
 
 def encode_record(obj: dict[str, Any]) -> bytes:
     """A record's value on the topics: compact UTF-8 JSON."""
-    return _record_json(obj).encode("utf-8")
+    return dump_json(obj)
 
 
 def dead_letter(error: str, reason: str, topic: str, partition: int, offset: int, key: bytes | None,

@@ -137,3 +137,24 @@ def test_a_rolling_upgrade_writes_states_the_workers_before_the_compact_format_r
             await store.r.aclose()
 
     asyncio.run(go())
+
+
+def test_headers_and_records_are_one_line_json_that_the_standard_library_reads():
+    """dump_json (orjson) writes the state headers and every record: what json.loads (older
+    workers, any consumer) reads back as the same values, numpy scalars included, never a raw newline
+    (the first b"\\n" of a state ends its header)."""
+    import json
+
+    import numpy as np
+
+    from stream.core.events import dump_json
+
+    value = {"tiny": 1e-05, "f32": np.float32(0.5), "i64": np.int64(7), "text": "caf\u00e9\nline", "tuple": (1, 2), "none": None}
+    out = dump_json(value)
+    assert b"\n" not in out
+    assert json.loads(out) == {"tiny": 1e-05, "f32": 0.5, "i64": 7, "text": "caf\u00e9\nline", "tuple": [1, 2], "none": None}
+    with pytest.raises(TypeError):
+        dump_json({"x": object()})
+    data = encode_state(decode_state(_fixture()))
+    header = data[: data.index(b"\n")]
+    assert header.startswith(b'{"version":7,') and json.loads(header)["last_seq"] == 39
