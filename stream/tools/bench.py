@@ -21,6 +21,13 @@ Figures (same utterances, same model, same machine, one run, since this machine 
                            per utterance: part of the worker's figure above that no stream-side change removes
   overhead_beyond_model_vs_passthrough  (worker_overhead_core_ms_per_utt - path_model_step_ms_per_utt)
                            / passthrough_core_ms_per_msg: what the stream side adds, against the same floor
+  stubbed_worker_utt_per_s the real worker with its encoder stubbed out (stream/tools/stubworker.py:
+                           a fixed vector per text; Redis, the model's step, events, rules all real)
+                           under the passthrough's load: one worker's rate when the encoder is free
+  stubbed_worker_core_ms_per_utt  its CPU per utterance: the worker's overhead beyond its encoder,
+                           measured directly (worker_overhead_core_ms_per_utt is the same quantity
+                           as a difference of two large figures, which this machine's noise moves a lot)
+  stubbed_overhead_vs_passthrough  stubbed_worker_core_ms_per_utt / passthrough_core_ms_per_msg
 Before the JSON line it prints where the CPU went during the sustained phase (core-ms per
 utterance for the worker, the broker, Redis and the bench's own load generator and consumer,
 from /proc) and the rate the machine's cores allow at that cost.
@@ -228,35 +235,45 @@ async def pipeline_phase(settings: Settings, stack, workers, n_conv: int, sustai
         await consumer.stop()
 
 
-def passthrough_env(stack, tag: str, **settings) -> dict[str, str]:
-    """The worker's environment (same settings, same group timeouts) with the passthrough's own
-    consumer group and topics, so it never reads the worker's input or writes its output."""
+def side_env(stack, name: str, tag: str, **settings) -> dict[str, str]:
+    """The worker's environment (same settings, same group timeouts) with a side phase's own
+    consumer group, topics and state prefix, so it never reads the worker's input or writes its output."""
     from stream.tools.localrun import local_worker_env
 
-    return local_worker_env(stack, app_id=f"passthrough-{tag}", utterances_topic=f"passthrough-in-{tag}",
-                            emotions_topic=f"passthrough-out-{tag}", **settings)
+    return local_worker_env(stack, app_id=f"{name}-{tag}", utterances_topic=f"{name}-in-{tag}",
+                            emotions_topic=f"{name}-out-{tag}", **settings)
 
 
-async def passthrough_phase(stack, n_conv: int, n: int, progress, workdir: Path) -> tuple[float, float | None]:
-    """(messages per second, passthrough worker core-ms per message) under the sustained load's
-    shape: n utterances over n_conv conversations, produced as fast as the producer goes."""
+# The two processes measured beside the worker, under the sustained load's shape: the floor
+# (Kafka I/O alone) and the worker with its encoder stubbed out (its own overhead, directly).
+SIDE_PHASES = {
+    "passthrough": ("stream.tools.passthrough",),
+    "stubbed": ("stream.tools.stubworker",),
+}
+
+
+async def side_phase(name: str, stack, n_conv: int, n: int, progress, workdir: Path,
+                     **settings) -> tuple[float, float | None]:
+    """(utterances per second, core-ms per utterance of the process) of a SIDE_PHASES process
+    under the sustained load's shape: n utterances over n_conv conversations, produced as fast
+    as the producer goes, until every one's provisional event is back."""
     from stream import kafka
     from stream.tools.localrun import wait_until_ready
 
     tag = uuid.uuid4().hex[:6]
-    env = passthrough_env(stack, tag)
+    env = side_env(stack, name, tag, **settings)
     src, dst = env["EMOTION_MONITOR_UTTERANCES_TOPIC"], env["EMOTION_MONITOR_EMOTIONS_TOPIC"]
     partitions = Settings().partitions
     await kafka.create_topics(stack.bootstrap, {src: partitions, dst: partitions})
-    proc = LocalWorker(env, workdir / "passthrough.log", module=("stream.tools.passthrough",))
+    proc = LocalWorker(env, workdir / f"{name}.log", module=SIDE_PHASES[name])
     consumer = kafka.consumer(dst, bootstrap=stack.bootstrap, fetch_max_wait_ms=10)
     await consumer.start()
     try:
         await wait_until_ready(stack.bootstrap, src, consumer, proc)
-        progress("passthrough: sustained load")
+        progress(f"{name}: sustained load")
         load = interleaved_calls(n_conv, n, seed=13)
         ids = {(m["conversation_id"], m["seq"]) for m in load}
-        meter = CpuMeter({"passthrough": proc.proc.pid})
+        meter = CpuMeter({name: proc.proc.pid})
         meter.start()
         t0 = time.time()
         sender = asyncio.create_task(produce(stack.bootstrap, src, load))
@@ -264,9 +281,9 @@ async def passthrough_phase(stack, n_conv: int, n: int, progress, workdir: Path)
         await sender
         cpu = meter.stop(len(ids))
         if len(got) < len(ids):
-            raise RuntimeError(f"passthrough: only {len(got)} of {len(ids)} events arrived; see {proc.log}")
+            raise RuntimeError(f"{name}: only {len(got)} of {len(ids)} events arrived; see {proc.log}")
         rate = len(ids) / (max(t0 + lat for lat in got.values()) - t0)
-        return rate, cpu.get("passthrough")
+        return rate, cpu.get(name)
     finally:
         await consumer.stop()
         proc.stop()
@@ -347,11 +364,20 @@ async def local_stack_figures(args, settings: Settings, scorer, phase: float, en
         finally:
             for w in workers:
                 w.stop()
+        # The side phases run far faster than the worker: more utterances, so each lasts seconds.
+        side_n = max(sustained_n, int(500 * args.duration))
+        progress("worker with its encoder stubbed out (everything else real)")
+        # eager: no ONNX export at start-up (the stub replaces the encoder whatever the backend)
+        stub_rate, stub_cpu = await side_phase("stubbed", stack, args.conversations, side_n, progress, workdir,
+                                               model_path=args.model, device=args.device, backend="eager",
+                                               torch_threads=settings.torch_threads or None)
         progress("passthrough worker (faust, validation, one event per utterance; no model, no Redis)")
-        pt_rate, pt_cpu = await passthrough_phase(stack, args.conversations, sustained_n, progress, workdir)
+        pt_rate, pt_cpu = await side_phase("passthrough", stack, args.conversations, side_n, progress, workdir,
+                                           model_path=args.model)
         progress("naive consumer")
         naive = await naive_rate(scorer, stack.bootstrap, max(100, int(pipe * phase / 4)), args.conversations)
-    return {"pipe": pipe, "latencies": latencies, "cpu": cpu, "pt_rate": pt_rate, "pt_cpu": pt_cpu, "naive": naive}
+    return {"pipe": pipe, "latencies": latencies, "cpu": cpu, "pt_rate": pt_rate, "pt_cpu": pt_cpu, "naive": naive,
+            "stub_rate": stub_rate, "stub_cpu": stub_cpu}
 
 
 def bench_result(m: dict, scorer) -> dict:
@@ -376,6 +402,9 @@ def bench_result(m: dict, scorer) -> dict:
         "path_model_step_ms_per_utt": round(step, 3),
         "overhead_beyond_model_vs_passthrough": _round((overhead - step) / m["pt_cpu"]
                                                        if overhead is not None and m["pt_cpu"] else None, 3),
+        "stubbed_worker_utt_per_s": round(m["stub_rate"], 1),
+        "stubbed_worker_core_ms_per_utt": _round(m["stub_cpu"], 3),
+        "stubbed_overhead_vs_passthrough": _round(m["stub_cpu"] / m["pt_cpu"] if m["stub_cpu"] is not None and m["pt_cpu"] else None, 3),
     }
 
 
@@ -393,6 +422,7 @@ def print_figures(m: dict, workers: int, conversations: int, max_batch: int) -> 
           f"ratio {m['long_ms'] / m['short_ms']:.3f}")
     print_cpu(m["cpu"], m["enc_cpu"], pipe)
     print_overhead(worker_overhead(m["cpu"], m["enc_cpu"]), m["pt_cpu"], m["pt_rate"], model_step_ms(m["paths"][64]))
+    print_stubbed(m["stub_rate"], m["stub_cpu"], m["pt_cpu"], model_step_ms(m["paths"][64]))
     for b, r in m["paths"].items():
         print(f"path b{b:<4} {r.utt_per_s:8.1f} utt/s  (encoder stubbed: {r.ms_per_batch:.1f} ms per batch of {b}; "
               f"ms per batch: {format_stages(r)}; {r.utt_per_s / enc:.2f} x encoder)")
@@ -443,6 +473,16 @@ def print_overhead(overhead: float | None, passthrough_cpu_ms: float | None, pas
             rest = overhead - model_step_ms_per_utt
             print(f"  of which the model's step ~{model_step_ms_per_utt:.2f} (step path, 64 conversations); the rest "
                   f"{rest:.2f} core-ms/utt = {rest / passthrough_cpu_ms:.2f} x passthrough")
+
+
+def print_stubbed(rate: float, cpu_ms: float | None, passthrough_cpu_ms: float | None, model_step_ms_per_utt: float) -> None:
+    """The worker with its encoder stubbed out: its own overhead measured directly, against the floor."""
+    if cpu_ms is None or not passthrough_cpu_ms:
+        print(f"stubbed   {rate:8.1f} utt/s  (the worker, encoder stubbed out)")
+        return
+    print(f"stubbed   {rate:8.1f} utt/s  (the worker, encoder stubbed out: {cpu_ms:.2f} core-ms/utt = "
+          f"{cpu_ms / passthrough_cpu_ms:.2f} x passthrough (target <= 2.0), measured directly; of which the model's "
+          f"step ~{model_step_ms_per_utt:.2f})")
 
 
 def _round(x: float | None, digits: int) -> float | None:

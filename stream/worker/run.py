@@ -11,8 +11,9 @@ from stream.settings import Settings
 log = logging.getLogger("emotion_monitor.worker")
 
 
-def run_worker(settings: Settings) -> None:
-    """Load the model, make sure the topics exist, then hand over to faust's worker."""
+def run_worker(settings: Settings, scorer_type: type | None = None) -> None:
+    """Load the model, make sure the topics exist, then hand over to faust's worker.
+    `scorer_type`: a Scorer subclass instead of Scorer (the bench's stubbed encoder)."""
     from model.scorer import Scorer
     from stream.kafka import create_topics, monitor_topics
     from stream.worker.app import build_app, run_app
@@ -22,7 +23,7 @@ def run_worker(settings: Settings) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    scorer = Scorer(settings.model_path, settings.device, settings.backend, settings.max_batch, settings.max_batch_tokens)
+    scorer = (scorer_type or Scorer)(settings.model_path, settings.device, settings.backend, settings.max_batch, settings.max_batch_tokens)
     log.info("model %s on %s, encoder backend %s (lookahead %d, window %d)", scorer.model_id, scorer.device,
              scorer.backend, scorer.lookahead, scorer.window)
     asyncio.run(create_topics(settings.brokers, monitor_topics(settings), settings))

@@ -20,7 +20,9 @@ KEYS = {"encoder_utt_per_s", "pipeline_utt_per_s", "naive_utt_per_s", "latency_p
         "passthrough_msg_per_s", "passthrough_core_ms_per_msg", "worker_overhead_core_ms_per_utt",
         "overhead_vs_passthrough", "path_utt_per_s_b64", "path_utt_per_s_b256",
         # the model's own step per utterance, and the overhead ratio without it
-        "path_model_step_ms_per_utt", "overhead_beyond_model_vs_passthrough"}
+        "path_model_step_ms_per_utt", "overhead_beyond_model_vs_passthrough",
+        # the worker with its encoder stubbed out: its overhead measured directly
+        "stubbed_worker_utt_per_s", "stubbed_worker_core_ms_per_utt", "stubbed_overhead_vs_passthrough"}
 # Differences of two measured figures: may come out negative on a noisy machine.
 SIGNED = {"overhead_beyond_model_vs_passthrough"}
 
@@ -49,6 +51,9 @@ def test_bench_json_has_exactly_the_documented_figures(tmp_path):
     rest = (result["worker_overhead_core_ms_per_utt"] - result["path_model_step_ms_per_utt"]) / result["passthrough_core_ms_per_msg"]
     assert abs(result["overhead_beyond_model_vs_passthrough"] - rest) <= 0.01 * abs(rest) + 0.01
     assert any(line.startswith("passthrough") for line in proc.stdout.splitlines())
+    stubbed = result["stubbed_worker_core_ms_per_utt"] / result["passthrough_core_ms_per_msg"]
+    assert abs(result["stubbed_overhead_vs_passthrough"] - stubbed) <= 0.01 * stubbed + 0.002
+    assert any(line.startswith("stubbed") for line in proc.stdout.splitlines())
     assert any(line.startswith("path b256") for line in proc.stdout.splitlines())
 
 
@@ -117,3 +122,19 @@ def test_path_rate_steps_the_stubbed_path_and_reports_its_stages():
     states = [decode_state(b) for b in blobs.values()]
     assert len(states) == 3 and all(s.last_seq == 5 and s.dialogue.seen == 6 for s in states)
     assert all(len(s.dialogue.vectors) == model.cfg.window for s in states)  # bounded window, full
+
+
+def test_the_stub_encoder_gives_each_text_one_fixed_unit_vector():
+    """stream.tools.stubworker: the bench's stubbed-out encoder (the real worker's encoder replaced
+    by a lookup): same text -> same vector, the model's width, unit length, no tokenizer."""
+    import numpy as np
+
+    from stream.tools.stubworker import stub_encoder
+
+    encode = stub_encoder(48)
+    a = encode(["hello", "bye", "hello"])
+    assert a.shape == (3, 48) and a.dtype == np.float32
+    assert np.array_equal(a[0], a[2]) and not np.array_equal(a[0], a[1])
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    assert encode([]).shape == (0, 48)
+    assert np.array_equal(stub_encoder(48)(["bye"])[0], a[1])  # the same in every process
