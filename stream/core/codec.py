@@ -28,7 +28,6 @@ from stream.core.trajectory import Final, Trajectory
 MONITOR_VERSION = 2  # 2: packed trajectory (1 is still read)
 
 
-
 def encode_state(state: ConversationState, model_format: int = 2) -> bytes:
     """The stored bytes of `state`; `model_format` is that of its model part (DialogueState.to_bytes:
     2 compact, 1 the first format, which workers before the compact one can read)."""

@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 
 import redis.asyncio as aioredis
 import redis.exceptions as rx
 
 from stream.core.codec import decode_state, dialogue_of, encode_state
 from stream.core.conversation import ConversationState
+from stream.core.frozen import evolve
 
 log = logging.getLogger("emotion_monitor.state")
 
@@ -239,7 +239,7 @@ class StateStore:
         written: dict[str, tuple[bytes, ConversationState]] = {}
         for cid, conv in convs.items():
             p = partitions[cid]
-            new = replace(conv, version=conv.version + 1, partition=p)
+            new = evolve(conv, version=conv.version + 1, partition=p)
             data = encode_state(new, self.state_format)
             written[cid] = (data, new)
             keys += [self._key(cid), self._idle_key(p), self._open_key(p), self._gap_key(p)]
@@ -262,7 +262,7 @@ class StateStore:
             if cid in fenced:
                 self._forget(cid)
             else:  # what Redis now holds, and its state with the model arrays read from those bytes
-                self._remember(cid, data, replace(new, dialogue=dialogue_of(data)))
+                self._remember(cid, data, evolve(new, dialogue=dialogue_of(data)))
         return fenced
 
     async def probe_write(self) -> str | None:
