@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 
 from stream.settings import Settings
 
@@ -19,6 +20,8 @@ def run_worker(settings: Settings, scorer_type: type | None = None) -> None:
     from stream.worker.app import build_app, run_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # First line of the log: a worker still loading the model is told apart from one that hangs.
+    log.info("starting (pid %d): loading the model on %s", os.getpid(), settings.device)
     if settings.torch_threads:
         import torch
 

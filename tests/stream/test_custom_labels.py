@@ -46,6 +46,7 @@ def test_worker_serves_a_model_with_its_own_label_set(stack, tmp_path):
     messages += [{"type": "end", "conversation_id": d.id} for d in dialogues]
     n = sum(len(d) for d in dialogues)
     try:
+        w.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], messages))
         events = run(collect(stack.bootstrap, names["emotions"],
                              lambda ev: sum(e["status"] == "final" for e in ev) >= n, timeout_s=120))

@@ -41,6 +41,7 @@ def test_replayed_escalation_shows_events_and_an_alert(stack, tmp_path):
                         alerts_topic=names["alerts"], summaries_topic=names["summaries"])
     dash = DashboardThread(settings, "127.0.0.1", _free_port()).start()
     try:
+        worker.wait_ready()
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:

@@ -15,7 +15,7 @@ from model.artifact import load_artifact
 from stream.core.contract import validate_event
 from stream.kafka import create_topics
 from tests.stream.test_worker_integration import conversation, end, finals_of, offline_scores, scores
-from tests.stream.worker_harness import WorkerProcess, collect, produce, run, unique_names, worker_env
+from tests.stream.worker_harness import WorkerProcess, collect, produce, readyz, run, unique_names, wait_for, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -34,6 +34,7 @@ def worker(stack, tiny_artifact, tmp_path_factory):
     _topics(stack, names)
     env = worker_env(stack, tiny_artifact, names, idle_finalize_s=IDLE_S, abandon_after_s=ABANDON_S)
     w = WorkerProcess(env, tmp_path_factory.mktemp("w") / "worker.log")
+    w.wait_ready()
     yield names, w
     w.stop()
 
@@ -168,30 +169,6 @@ def test_an_oversized_message_does_not_take_its_batch_with_it(stack, worker):
     assert w.proc.poll() is None, w.tail()
 
 
-def _readyz(port: int) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-    except OSError:
-        return 0, {}
-
-
-def _wait(pred, timeout_s: float) -> bool:
-    import time
-
-    end = time.time() + timeout_s
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.3)
-    return False
-
-
 def test_redis_refusing_writes_is_retried_not_dead_lettered(stack, tiny_artifact, tmp_path):
     """A real redis-server put under maxmemory 1 + noeviction (every write: OOM) mid-conversation:
     the worker publishes the batch's events once, retries the state write, says 503 on /readyz,
@@ -215,20 +192,22 @@ def test_redis_refusing_writes_is_retried_not_dead_lettered(stack, tiny_artifact
     w = WorkerProcess(env, tmp_path / "w.log")
     web = int(env["EMOTION_MONITOR_WEB_PORT"])
     try:
+        w.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], interleave([c[:2] for c in convs])))
         seen = run(collect(stack.bootstrap, names["emotions"], lambda ev: sum(e["status"] == "provisional" for e in ev) >= 4, 90))
         assert sum(e["status"] == "provisional" for e in seen) >= 4, w.tail()
-        assert _readyz(web)[0] == 200
+        assert readyz(web)[0] == 200
         admin.config_set("maxmemory-policy", "noeviction")
         admin.config_set("maxmemory", "1")  # every write is now refused with OOM
         run(produce(stack.bootstrap, names["utterances"], interleave([c[2:4] for c in convs])))
-        assert _wait(lambda: "Redis refuses writes (OOM" in w.log.read_text(), 30), w.tail()
-        status, body = _readyz(web)
+        assert wait_for(lambda: "Redis refuses writes (OOM" in w.log.read_text(), 30), w.tail()
+        status, body = readyz(web)
         assert status == 503 and body["redis_writes"] == "refused (OOM)", body
         time.sleep(3)  # several retries with backoff
         assert w.proc.poll() is None, w.tail()
         admin.config_set("maxmemory", "0")  # Redis takes writes again
-        assert _wait(lambda: _readyz(web)[0] == 200, 20), _readyz(web)
+        # The retry waits at most 5 s between tries; the bound is for a slow machine, not a target.
+        assert wait_for(lambda: readyz(web)[0] == 200, 60), f"{readyz(web)}\n{w.tail()}"
         run(produce(stack.bootstrap, names["utterances"], interleave([c[4:] for c in convs]) + [end(c) for c in sorted(cids)]))
         events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, cids)) >= 12, 60))
         dlq = run(collect(stack.bootstrap, names["dlq"], lambda r: False, 2))

@@ -43,6 +43,7 @@ def test_redis_restart_mid_conversation(stack, tiny_artifact, tmp_path, appendon
     cids = {c[0]["conversation_id"] for c in convs}
     w = WorkerProcess(env, tmp_path / "w.log")
     try:
+        w.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], interleave([c[:3] for c in convs])))
         seen = run(collect(stack.bootstrap, names["emotions"], lambda ev: sum(e["status"] == "provisional" for e in ev) >= 6, 90))
         assert sum(e["status"] == "provisional" for e in seen) >= 6, w.tail()
@@ -85,6 +86,7 @@ def test_second_worker_joins_mid_stream(stack, tiny_artifact, tmp_path):
     a = WorkerProcess(env, tmp_path / "a.log")
     b = None
     try:
+        a.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], interleave([c[:3] for c in convs])))
         run(collect(stack.bootstrap, names["emotions"], lambda ev: sum(e["status"] == "provisional" for e in ev) >= 18, 90))
         b = WorkerProcess({**env, "EMOTION_MONITOR_WEB_PORT": str(int(env["EMOTION_MONITOR_WEB_PORT"]) + 1)}, tmp_path / "b.log")
@@ -123,6 +125,7 @@ def test_broker_restart_worker_reconnects_and_resumes(stack, tiny_artifact, tmp_
     env = worker_env(stack, tiny_artifact, names, idle_finalize_s=30, brokers=f"kafka://{bootstrap}")
     w = WorkerProcess(env, tmp_path / "w.log")
     try:
+        w.wait_ready()
         run(produce(bootstrap, names["utterances"], conversation("br-1", 3)))
         first = run(collect(bootstrap, names["emotions"], lambda ev: sum(e["status"] == "provisional" for e in ev) >= 3, 90))
         assert sum(e["status"] == "provisional" for e in first) >= 3, w.tail()
@@ -156,6 +159,7 @@ def test_rebalance_during_idle_flushing_two_workers(stack, tiny_artifact, tmp_pa
     a = WorkerProcess(env, tmp_path / "a.log")
     b = None
     try:
+        a.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], interleave([c[:3] for c in convs])))
         # wait for the first flushes (seq 1 and 2 of each are final only through the idle timer) ...
         run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, cids)) >= 8, 60))
@@ -208,6 +212,7 @@ def test_a_stalled_worker_that_wakes_up_does_not_flush_the_new_owners_conversati
     a = WorkerProcess(env_a, tmp_path / "a.log")
     b = None
     try:
+        a.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], interleave([c[:2] for c in convs])))
         run(collect(stack.bootstrap, names["emotions"], lambda ev: sum(e["status"] == "provisional" for e in ev) >= 8, 60))
         os.killpg(a.proc.pid, signal.SIGSTOP)  # stalls before its idle timeout (2 s) passes

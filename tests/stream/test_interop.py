@@ -106,6 +106,7 @@ def runs(stack, tiny_artifact, tmp_path_factory):
         env["EMOTION_MONITOR_REDIS_URL"] = redis_url
         worker = WorkerProcess(env, tmp_path_factory.mktemp(client) / "worker.log")
         try:
+            worker.wait_ready()
             if client == "aiokafka":
                 run(produce(stack.bootstrap, names["utterances"], messages))
                 placed = None

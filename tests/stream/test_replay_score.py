@@ -150,6 +150,7 @@ def test_replay_score_of_a_meld_slice_equals_evaluate(stack, tiny_artifact, tmp_
     worker = WorkerProcess(worker_env(stack, tiny_artifact, names), tmp_path / "worker.log")
     monkeypatch.setenv("EMOTION_MONITOR_EMOTIONS_TOPIC", names["emotions"])
     try:
+        worker.wait_ready()
         rc = main(["replay", str(data), "--score", "--json", "--no-progress", "--bootstrap", stack.bootstrap,
                    "--topic", names["utterances"], "--timeout", "90"])
         worker.check()

@@ -76,6 +76,7 @@ def test_worker_uses_redis_auth_and_keeps_the_password_out_of_its_log(stack, tin
                      log_level="debug")
     w = WorkerProcess(env, tmp_path / "w.log")
     try:
+        w.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], conversation("auth-1", 3) + [end("auth-1")]))
         events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, {"auth-1"})) >= 3, 90))
     finally:

@@ -76,7 +76,7 @@ def worker(stack, tiny_artifact, tmp_path_factory):
     run(create_topics(stack.bootstrap, {names["utterances"]: 3, names["emotions"]: 3, names["dlq"]: 1}))
     env = worker_env(stack, tiny_artifact, names, idle_finalize_s=2)
     w = WorkerProcess(env, tmp_path_factory.mktemp("w") / "worker.log")
-    w.web_port = int(env["EMOTION_MONITOR_WEB_PORT"])
+    w.wait_ready()
     yield names, w
     w.stop()
 
@@ -170,6 +170,7 @@ def test_killed_worker_is_continued_by_another_with_the_same_results(stack, tiny
     rest = [c[3:] for c in convs]
     a = WorkerProcess(env, tmp_path / "a.log")
     try:
+        a.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], interleave(first)))
         seen = run(collect(stack.bootstrap, names["emotions"],
                            lambda ev: sum(e["status"] == "provisional" for e in ev) >= 9, timeout_s=90))
@@ -178,6 +179,7 @@ def test_killed_worker_is_continued_by_another_with_the_same_results(stack, tiny
         a.kill()  # SIGKILL mid-conversation: no clean shutdown, no offset commit on the way out
     b = WorkerProcess(env, tmp_path / "b.log")
     try:
+        b.wait_ready()
         run(produce(stack.bootstrap, names["utterances"], interleave(rest) + [end(c) for c in sorted(cids)]))
         events = run(collect(stack.bootstrap, names["emotions"], lambda ev: len(finals_of(ev, cids)) >= 18, timeout_s=90))
     finally:

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -55,7 +57,47 @@ class WorkerProcess(LocalWorker):
             self.proc.wait(10)
 
     def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        """The log's last `n` lines under a line that says whether the process still runs (an empty
+        log then reads as "still starting" or "killed", not as nothing)."""
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        rc = self.proc.poll()
+        state = "running" if rc is None else f"exited with {rc}"
+        return "\n".join([f"[worker pid {self.proc.pid} {state}; {self.log}: {len(lines)} lines]", *lines[-n:]])
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Until /readyz answers 200 (model loaded, Redis takes writes, partitions assigned). A slow
+        start (a loaded machine: the first log line alone took 30 s and more) then no longer eats
+        into a test's own time bound. Fails at once, with the log, if the process exits."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the worker exited before it was ready\n{self.tail()}")
+            if readyz(self.web_port)[0] == 200:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"the worker was not ready within {timeout_s:.0f} s (last /readyz: {readyz(self.web_port)})\n"
+                             f"{self.tail()}")
+
+
+def readyz(port: int) -> tuple[int, dict]:
+    """The worker's /readyz: (status, body); (0, {}) while nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def wait_for(pred, timeout_s: float) -> bool:
+    """Poll `pred` every 0.3 s until it holds (True) or `timeout_s` passes (False)."""
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.3)
+    return False
 
 
 async def produce(bootstrap: str, topic: str, messages: list, pause_s: float = 0.0) -> None:
