@@ -9,6 +9,7 @@ GRUs and heads stay eager (tiny, and their shapes vary with the number of conver
 | compile  | CPU or CUDA    | torch.compile with dynamic shapes; on CUDA float16 with CUDA graphs (mode "reduce-overhead") |
 | tensorrt | CUDA + extra   | torch-tensorrt, dynamic batch and sequence, float16 (`pip install 'emotion-monitor[tensorrt]'`) |
 | onnx     | CPU + extra    | ONNX Runtime, float32, exported at start-up (`pip install 'emotion-monitor[onnx]'`) |
+| onnx-int8 | CPU + extra   | as onnx, then SmoothQuant + int8 (`model.quantize`; opt-in, needs the artifact's stored calibration) |
 | auto     | anywhere       | CUDA: tensorrt if installed, else compile; CPU: onnx if installed, else eager |
 
 Why ONNX Runtime on CPU: eager PyTorch spends most of a small batch in per-operator overhead;
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("emotion_monitor.backends")
-BACKENDS = ("auto", "eager", "compile", "tensorrt", "onnx")
+BACKENDS = ("auto", "eager", "compile", "tensorrt", "onnx", "onnx-int8")
+ONNX_BACKENDS = ("onnx", "onnx-int8")  # encoded in chunks of at most 32 (model.scorer)
 MAX_BATCH, MAX_TOKENS = 256, 64
 
 EncodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids, mask) -> (N, D)
@@ -63,12 +65,12 @@ def choose_backend(requested: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "tensorrt" if tensorrt_available() else "compile"
         return "onnx" if onnxruntime_available() else "eager"
-    if requested == "onnx":
+    if requested in ONNX_BACKENDS:
         if not onnxruntime_available():
-            raise BackendUnavailable("backend 'onnx' asked for, but ONNX Runtime is not installed: run "
+            raise BackendUnavailable(f"backend {requested!r} asked for, but ONNX Runtime is not installed: run "
                                      "`pip install 'emotion-monitor[onnx]'`, or use --backend eager")
         if device.type != "cpu":
-            raise BackendUnavailable("backend 'onnx' runs on the CPU; on CUDA use compile or tensorrt")
+            raise BackendUnavailable(f"backend {requested!r} runs on the CPU; on CUDA use compile or tensorrt")
     if requested == "tensorrt":
         if not tensorrt_available():
             raise BackendUnavailable(
@@ -79,8 +81,10 @@ def choose_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device) -> tuple[str, EncodeFn]:
-    """Returns (backend actually used, encode function)."""
+def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device,
+                  artifact: str | Path | None = None) -> tuple[str, EncodeFn]:
+    """Returns (backend actually used, encode function). `artifact`: the folder the encoder was
+    loaded from, where `onnx-int8` reads its calibration (`model.quantize`)."""
     chosen = choose_backend(backend, device)
     log.info("encoder backend: %s (asked: %s, device: %s)", chosen, backend, device)
     if chosen == "eager":
@@ -105,6 +109,19 @@ def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device) 
         return chosen, lambda ids, mask: compiled(ids, mask).float()
     if chosen == "onnx":
         return chosen, onnx_runtime_encoder(encoder)
+    if chosen == "onnx-int8":
+        from model.quantize import int8_encoder_graph, load_act_max
+
+        if artifact is None:
+            raise BackendUnavailable("backend 'onnx-int8' reads its calibration from the artifact folder; "
+                                     "load the model from its folder (Scorer(path, backend=...))")
+        act_max = load_act_max(artifact, encoder)  # before the export: a missing file fails at once
+        proto = export_onnx(encoder)
+        int8 = int8_encoder_graph(proto, encoder, act_max)
+        if int8 is None:  # warned: the graph did not map onto the encoder
+            return "onnx", ort_encoder(proto)
+        log.info("encoder backend onnx-int8: SmoothQuant + int8 graph built")
+        return chosen, ort_encoder(int8)
     trt = compile_tensorrt(encoder, device)
     return chosen, lambda ids, mask: trt(ids, mask).float()
 
@@ -112,7 +129,11 @@ def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device) 
 def onnx_runtime_encoder(encoder: torch.nn.Module) -> EncodeFn:
     """Export the encoder to ONNX in memory (dynamic batch 1-256, sequence 1-64) and serve it with
     ONNX Runtime on the CPU, with as many threads as torch uses."""
-    import onnxruntime as ort
+    return ort_encoder(export_onnx(encoder))
+
+
+def export_onnx(encoder: torch.nn.Module):
+    """The encoder as an ONNX ModelProto (dynamic batch 1-256, sequence 1-64), in memory."""
     from torch.export import Dim
 
     batch, seq = Dim("batch", min=1, max=MAX_BATCH), Dim("seq", min=1, max=MAX_TOKENS)
@@ -129,6 +150,13 @@ def onnx_runtime_encoder(encoder: torch.nn.Module) -> EncodeFn:
                                         dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
     finally:
         onnx_log.setLevel(level)
+    return program.model_proto
+
+
+def ort_encoder(proto) -> EncodeFn:
+    """An ONNX Runtime session of the encoder graph `proto` on the CPU, with as many threads as torch uses."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
@@ -136,7 +164,7 @@ def onnx_runtime_encoder(encoder: torch.nn.Module) -> EncodeFn:
     # Threads that spin between operators take the cores from the broker and Redis beside the
     # worker (as OMP_WAIT_POLICY=ACTIVE did: 103 instead of ~160 utt/s): let them sleep.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
     def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

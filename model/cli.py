@@ -10,6 +10,8 @@ from pathlib import Path
 from model.config import WEIGHTS_DIR
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# model.backends.BACKENDS, spelled out so that `--help` does not import torch (tested equal)
+BACKENDS = ("auto", "eager", "compile", "tensorrt", "onnx", "onnx-int8")
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +53,64 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="a MELD CSV, an EmoryNLP JSON or a labelled JSONL file")
     p.add_argument("--plot", type=Path, default=None, help="confusion-matrix PNG to write (default: confusion_<file>.png here)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--backend", choices=BACKENDS, default="eager",
+                   help="encoder backend on the CPU (default eager, float32, chunks of 64); onnx and onnx-int8 encode in "
+                   "chunks of 32 as the worker does (onnx-int8 needs `emotion-monitor calibrate` first)")
     p.set_defaults(func=run_evaluate)
+
+
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="store the activation maxima the onnx-int8 backend needs (from the train split)",
+        description="For the onnx-int8 encoder backend (SmoothQuant + int8, see docs/performance.md): run the artifact's "
+        "encoder over --n random utterances of the dataset's TRAIN split (never dev or test) and write the maximum "
+        "|activation| per input channel of each of its Linear layers to <model>/encoder_act_max.safetensors "
+        "(float32, ~80 KB for MiniLM), with the SHA-256 of the artifact's model.safetensors. Run it once per "
+        "artifact; the backend refuses an artifact without the file or whose weights changed since.",
+    )
+    p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld", help="artifact folder (default: the shipped MELD model)")
+    p.add_argument("--dataset", choices=["meld", "emorynlp", "jsonl"], default=None,
+                   help="dataset whose train split is read (default: the one named in the artifact's config.json)")
+    p.add_argument("--data-dir", type=Path, default=None, help="folder with meld/, emorynlp/ (default: $EMOTION_MONITOR_DATA_DIR or ../shared/data)")
+    p.add_argument("--train", type=Path, default=None, help="training file instead of the data dir's train split (required for jsonl)")
+    p.add_argument("--n", type=int, default=1024, help="utterances drawn at random from the train split (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that draw (default 0)")
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from model.artifact import read_config
+    from model.quantize import calibrate
+    from model.training.data import default_data_dir, load_dataset, split_path
+
+    if args.n < 1:
+        raise SystemExit("--n must be at least 1")
+    try:
+        config = read_config(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"calibrate: {exc}") from None
+    dataset = args.dataset or config.get("meta", {}).get("dataset")
+    if dataset is None:
+        raise SystemExit(f"{args.model}/config.json names no dataset: pass --dataset")
+    if args.train is not None:
+        path = args.train
+    elif dataset == "jsonl":
+        raise SystemExit("--dataset jsonl needs --train FILE (your labelled training conversations)")
+    else:
+        path = split_path(args.data_dir or default_data_dir(), dataset, "train")
+    if not path.exists():
+        raise SystemExit(f"calibrate: {path} not found; pass --data-dir (or --train FILE); "
+                         "`emotion-monitor data check --data-dir DIR` lists what is where")
+    t0 = time.perf_counter()
+    dialogues = load_dataset(dataset, path)
+    n = min(args.n, sum(len(d.utterances) for d in dialogues))
+    out = calibrate(args.model, dialogues, n=n, seed=args.seed, source=f"{dataset}:{path.name}")
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} KB): activation maxima of {n} utterances of {path.name} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def add_soup(sub: argparse._SubParsersAction) -> None:
@@ -202,12 +261,29 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     model, config = load_artifact(args.model)
     dialogues = load_dataset(args.dataset, args.data)
-    metrics, probs, gold = evaluate(model, load_tokenizer(model.cfg), dialogues)
+    tokenizer, encode, used = load_tokenizer(model.cfg), None, "eager"
+    if args.backend != "eager":
+        import torch
+
+        from model.backends import ONNX_BACKENDS, BackendUnavailable, build_encoder
+        from model.encoding import encode_texts
+        from model.quantize import CalibrationError
+
+        try:
+            used, fn = build_encoder(model.encoder, args.backend, torch.device("cpu"), args.model)
+        except (BackendUnavailable, CalibrationError) as exc:
+            raise SystemExit(f"evaluate: {exc}") from None
+        chunk = 32 if used in ONNX_BACKENDS else 64  # as the worker's Scorer encodes
+
+        def encode(texts):
+            return encode_texts(model, tokenizer, texts, chunk, fn)
+    metrics, probs, gold = evaluate(model, tokenizer, dialogues, encode=encode)
+    metrics["backend"] = used
     plot = args.plot or Path(f"confusion_{args.data.stem}.png")
     plot_confusion(gold, probs["final"].argmax(-1), model.cfg.emotion_labels, plot, f"{args.data.name}, final")
     metrics["model"] = f"{config['name']}@{config['version']}"
     metrics["confusion_png"] = str(plot)
-    print(f"{metrics['n_utterances']} utterances, model {metrics['model']}")
+    print(f"{metrics['n_utterances']} utterances, model {metrics['model']}, encoder backend {metrics['backend']}")
     for mode in MODES:
         per = "  ".join(f"{k} {v:.1f}" for k, v in metrics["per_class"][mode].items())
         print(f"  {mode:<12} weighted-F1 {metrics[f'weighted_f1_{mode}']:6.2f}   per class: {per}")
@@ -256,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     add_data(sub)
     add_soup(sub)
     add_export(sub)
+    add_calibrate(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -25,7 +25,7 @@ class Scorer:
         self.device = resolve_device(device)
         self.max_batch, self.token_budget = max_batch, token_budget
         model, config = load_artifact(artifact, self.device)
-        self._bind(model, config, backend)
+        self._bind(model, config, backend, artifact)
 
     @classmethod
     def from_model(cls, model, name: str = "untrained", version: str = "0") -> "Scorer":
@@ -36,15 +36,15 @@ class Scorer:
         self._bind(model.eval(), {"name": name, "version": version}, "eager")
         return self
 
-    def _bind(self, model, config, backend: str) -> None:
-        from model.backends import build_encoder
+    def _bind(self, model, config, backend: str, artifact: str | Path | None = None) -> None:
+        from model.backends import ONNX_BACKENDS, build_encoder
 
         self.model, self.config = model, config
-        self.backend, self._encode_fn = build_encoder(model.encoder, backend, self.device)
+        self.backend, self._encode_fn = build_encoder(model.encoder, backend, self.device, artifact)
         # ONNX Runtime on CPU peaks at chunks of 8-32 utterances (measured here: 231-233 utt/s at
         # 8-16, 229 at 32, 197 at 64, where eager PyTorch peaks at 64 with 249): a worker batch of
         # 64 is encoded in chunks of at most 32.
-        self.encode_batch = min(self.max_batch, 32) if self.backend == "onnx" else self.max_batch
+        self.encode_batch = min(self.max_batch, 32) if self.backend in ONNX_BACKENDS else self.max_batch
         self.tokenizer = load_tokenizer(model.cfg)
         self.labels = model.cfg.emotion_labels
         self.model_id = f"{config['name']}@{config['version']}"

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.add_evaluate(sub)
     model_cli.add_soup(sub)
     model_cli.add_export(sub)
+    model_cli.add_calibrate(sub)
     model_cli.add_data(sub)
     add_replay(sub)
     add_watch(sub)

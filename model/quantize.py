@@ -1,0 +1,290 @@
+"""The int8 encoder of the `onnx-int8` backend, and the calibration it reads from the artifact.
+
+The recipe (screened on both shipped models: docs/performance.md, "A faster CPU encoder that keeps
+its accuracy"), applied to the float graph that `model.backends.export_onnx` exports:
+
+1. SmoothQuant (Xiao et al. 2023), alpha 0.85, on the query/key/value projections (one group: they
+   read the same input), the FFN input and the FFN output: per input channel j, x_j / s_j (one Mul
+   inserted in front of the group) and W_j,: * s_j, with s_j = max|x_j|^a / max|W_j,:|^(1-a), clipped
+   to [1e-2, 1e2]. Exact in float; it moves MiniLM's activation outlier channels (LayerNorm outputs
+   ~15x the median channel) into the weights, which are quantised per channel.
+2. Dynamic int8, per output channel (`quantize_dynamic`), on the q, k, v, attention-output and
+   FFN-input MatMuls.
+3. 8-bit block-wise weights with int8 compute (`MatMulNBits`, blocks of 128, accuracy_level 4) on
+   the FFN-output MatMuls, whose GELU inputs one activation scale per tensor handles badly.
+
+Step 1 needs the maximum |x| per input channel of every Linear layer of the encoder, over training
+text. They are computed once per artifact (`emotion-monitor calibrate`, from the train split) and
+stored beside the weights as `encoder_act_max.safetensors` with the SHA-256 of the artifact's
+`model.safetensors`, so a retrained artifact never uses stale maxima. (ONNX Runtime's own
+SmoothQuant, `quantize_static(..., extra_options={"SmoothQuant": True})`, needs neural-compressor
+and calibrates at quantisation time from a data reader, i.e. from training data at every start;
+steps 2 and 3 are ONNX Runtime's tools.)
+
+The graph's weight MatMuls are matched to the encoder's Linear modules in order and each weight
+is checked to equal `module.weight.T`; if the graph is not as expected, the float graph is served
+and a warning logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("emotion_monitor.quantize")
+
+ACT_MAX_FILE = "encoder_act_max.safetensors"
+FORMAT = "emotion-monitor-act-max/1"
+ALPHA = 0.85
+NBITS_BLOCK = 128
+# Position of each Linear within a transformer layer (BERT and MPNet register them in this order).
+ROLES = ("q", "k", "v", "o", "f1", "f2")
+SMOOTHED = (("q", "k", "v"), ("f1",), ("f2",))  # groups that share one input
+DYNAMIC = ("q", "k", "v", "o", "f1")  # dynamic int8; f2: MatMulNBits
+
+
+class CalibrationError(RuntimeError):
+    """The artifact's stored activation maxima are missing or do not belong to its weights."""
+
+
+def calibrate_command(artifact: str | Path) -> str:
+    return f"emotion-monitor calibrate --model {artifact} --data-dir DIR"
+
+
+def linear_modules(encoder: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The encoder transformer's Linear layers by name (relative to `encoder.bert`), in module order."""
+    return {name: m for name, m in encoder.bert.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def calibration_texts(dialogues, n: int = 1024, seed: int = 0) -> list[str]:
+    """`n` utterance texts drawn at random (fixed seed) from the given (training) dialogues."""
+    texts = [u.text for d in dialogues for u in d.utterances]
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
+@torch.inference_mode()
+def activation_maxima(model, tokenizer, texts: Sequence[str], batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """max |x| per input channel of every Linear of the encoder over `texts` (eager, float32), encoded
+    the way the scorer encodes them (normalised, length-sorted groups of `batch_size`)."""
+    from model.encoding import encode_texts
+
+    if not texts:
+        raise ValueError("calibration needs at least one text")
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, inputs):
+            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0).float().cpu()
+            stats[name] = torch.maximum(stats[name], x) if name in stats else x
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linear_modules(model.encoder).items()]
+    try:
+        encode_texts(model, tokenizer, list(texts), batch_size, model.encode)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def weights_sha256(artifact: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(Path(artifact) / "model.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def calibrate(artifact: str | Path, dialogues, n: int = 1024, seed: int = 0, source: str = "",
+              out: str | Path | None = None) -> Path:
+    """Compute the activation maxima of the artifact's encoder on `n` random utterances of
+    `dialogues` (the training split) and write them to `<artifact>/encoder_act_max.safetensors`."""
+    from safetensors.torch import save_file
+
+    from model.artifact import load_artifact
+    from model.encoders import load_tokenizer
+
+    model, config = load_artifact(artifact)
+    texts = calibration_texts(dialogues, n, seed)
+    stats = activation_maxima(model, load_tokenizer(model.cfg), texts)
+    meta = {"format": FORMAT, "model_sha256": weights_sha256(artifact), "model": f"{config['name']}@{config['version']}",
+            "n_texts": str(len(texts)), "seed": str(seed), "source": source}
+    path = Path(out) if out is not None else Path(artifact) / ACT_MAX_FILE
+    save_file({k: v.contiguous() for k, v in stats.items()}, str(path), metadata=meta)
+    log.info("wrote %s: %d layers, %d texts", path, len(stats), len(texts))
+    return path
+
+
+def load_act_max(artifact: str | Path, encoder: torch.nn.Module | None = None) -> dict[str, np.ndarray]:
+    """The stored maxima of `artifact`, checked against its weights (and `encoder`'s Linear layers)."""
+    from safetensors import safe_open
+
+    path = Path(artifact) / ACT_MAX_FILE
+    if not path.exists():
+        raise CalibrationError(
+            f"backend 'onnx-int8' needs the encoder's activation maxima ({path}), which this artifact lacks: run "
+            f"`{calibrate_command(artifact)}` once (it reads the train split), or use the float backend 'onnx'")
+    with safe_open(str(path), framework="np") as fh:
+        meta = fh.metadata() or {}
+        stats = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (a safetensors file, not a dict)
+    if meta.get("format") != FORMAT:
+        raise CalibrationError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT}); "
+                               f"run `{calibrate_command(artifact)}` again")
+    if meta.get("model_sha256") != weights_sha256(artifact):
+        raise CalibrationError(f"{path} was computed for other weights than {Path(artifact) / 'model.safetensors'}; "
+                               f"run `{calibrate_command(artifact)}` again")
+    if encoder is not None:
+        want = {name: m.in_features for name, m in linear_modules(encoder).items()}
+        got = {name: int(v.shape[-1]) for name, v in stats.items()}
+        if want != got:
+            raise CalibrationError(f"{path} does not match this artifact's encoder; run `{calibrate_command(artifact)}` again")
+    return stats
+
+
+def _weight_matmul_plan(proto, encoder: torch.nn.Module) -> list[dict] | None:
+    """One entry per Linear (layer, role, module name, MatMul node) when the graph's weight MatMuls
+    are the encoder's Linear layers in order, each weight equal to `module.weight.T`; else None."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    matmuls = [(i, nd) for i, nd in enumerate(proto.graph.node) if nd.op_type == "MatMul" and nd.input[1] in inits]
+    modules = list(linear_modules(encoder).items())
+    layers = encoder.bert.encoder.layer
+    per_layer = [[n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)] for layer in layers]
+    if any(len(names) != len(ROLES) for names in per_layer) or len(modules) != len(ROLES) * len(layers):
+        log.warning("onnx-int8: the encoder's layers are not 6 Linear layers each; serving the float graph")
+        return None
+    if len(matmuls) != len(modules):
+        log.warning("onnx-int8: the exported graph has %d weight MatMuls for %d Linear layers; serving the float graph",
+                    len(matmuls), len(modules))
+        return None
+    plan = []
+    for i, ((name, module), (index, node)) in enumerate(zip(modules, matmuls)):
+        w = numpy_helper.to_array(inits[node.input[1]])
+        ref = module.weight.detach().float().cpu().numpy().T
+        if w.shape != ref.shape or not np.allclose(w, ref, atol=1e-6):
+            log.warning("onnx-int8: weight MatMul %d of the graph is not %s; serving the float graph", i, name)
+            return None
+        plan.append({"layer": i // len(ROLES), "role": ROLES[i % len(ROLES)], "module": name, "index": index, "node": node})
+    for layer in range(len(layers)):
+        qkv = [p["node"].input[0] for p in plan if p["layer"] == layer and p["role"] in ("q", "k", "v")]
+        if len(set(qkv)) != 1:
+            log.warning("onnx-int8: the q, k, v projections of layer %d do not share one input; serving the float graph", layer)
+            return None
+    return plan
+
+
+def _smooth(proto, plan: list[dict], act_max: dict[str, np.ndarray], alpha: float) -> None:
+    """SmoothQuant in place: a Mul by 1/s in front of each group, the group's weight rows times s."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    inserts = []  # (first MatMul of the group, Mul node)
+    for layer in sorted({p["layer"] for p in plan}):
+        for roles in SMOOTHED:
+            group = [p for p in plan if p["layer"] == layer and p["role"] in roles]
+            x = group[0]["node"].input[0]
+            amax = np.maximum(np.max([act_max[p["module"]] for p in group], axis=0), 1e-5)
+            weights = [numpy_helper.to_array(inits[p["node"].input[1]]) for p in group]
+            wmax = np.maximum(np.max([np.abs(w).max(1) for w in weights], axis=0), 1e-5)
+            s = np.clip(amax ** alpha / wmax ** (1 - alpha), 1e-2, 1e2).astype(np.float32)
+            tag = f"{layer}_{roles[0]}"
+            proto.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), f"smoothquant_inv_{tag}"))
+            smoothed = f"{x}_smoothquant_{tag}"
+            inserts.append((group[0]["node"], helper.make_node("Mul", [x, f"smoothquant_inv_{tag}"], [smoothed],
+                                                               name=f"smoothquant_mul_{tag}")))
+            for p, w in zip(group, weights):
+                inits[p["node"].input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), p["node"].input[1]))
+                p["node"].input[0] = smoothed
+    nodes = list(proto.graph.node)
+    for first, mul in inserts:  # right before the group's first MatMul: keeps the topological order
+        nodes.insert(nodes.index(first), mul)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def smoothed_graph(proto, encoder: torch.nn.Module, act_max: dict[str, np.ndarray], alpha: float = ALPHA):
+    """SmoothQuant applied to a copy of the float graph `proto` (still float32, equal to it up to
+    rounding), with the plan of its weight MatMuls; None when the graph does not map onto `encoder`."""
+    import onnx
+
+    plan = _weight_matmul_plan(proto, encoder)
+    if plan is None:
+        return None
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    plan = [dict(p, node=model.graph.node[p["index"]]) for p in plan]  # the copy's nodes
+    _smooth(model, plan, act_max, alpha)
+    return model, plan
+
+
+def int8_encoder_graph(proto, encoder: torch.nn.Module, act_max: dict[str, np.ndarray], alpha: float = ALPHA,
+                       block: int = NBITS_BLOCK):
+    """The int8 graph (SmoothQuant, dynamic int8 on q/k/v/o/f1, MatMulNBits 8-bit on f2) of the float
+    encoder graph `proto` (left unchanged), or None when the graph does not map onto `encoder`."""
+    smoothed = smoothed_graph(proto, encoder, act_max, alpha)
+    if smoothed is None:
+        return None
+    with _quiet_ort_quantization():
+        return _quantize(*smoothed, block)
+
+
+@contextlib.contextmanager
+def _quiet_ort_quantization():
+    """ONNX Runtime's quantisers configure the root logger when imported (`logging.basicConfig` at
+    INFO) and log every node they visit, partly through the root logger: noise in a worker's log.
+    The root logger is left as it was, and their records below ERROR are dropped while they run."""
+    root, ort_log = logging.getLogger(), logging.getLogger("onnxruntime.quantization")
+    handlers, level, ort_level = list(root.handlers), root.level, ort_log.level
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    root.addFilter(errors_only)  # applies to records logged on the root logger itself only
+    ort_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeFilter(errors_only)
+        ort_log.setLevel(ort_level)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def _quantize(model, plan: list[dict], block: int):
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    dynamic = [p["node"].name for p in plan if p["role"] in DYNAMIC]
+    nbits = {p["node"].name for p in plan if p["role"] not in DYNAMIC}
+    with tempfile.TemporaryDirectory(prefix="emotion-monitor-int8-") as tmp:
+        # quantize_dynamic writes its result to a file
+        quantize_dynamic(model, Path(tmp) / "dynamic.onnx", op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=dynamic)
+        model = onnx.load(str(Path(tmp) / "dynamic.onnx"))
+    others = [nd.name for nd in model.graph.node if nd.op_type == "MatMul" and nd.name not in nbits]
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=8,
+                                          op_types_to_quantize=("MatMul",))
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=others)
+    quantizer.process()
+    model = quantizer.model.model
+    names = {nd.name for nd in model.graph.node}
+    n_nbits = sum(nd.op_type == "MatMulNBits" for nd in model.graph.node)
+    if n_nbits != len(nbits) or any(p["node"].name in names for p in plan):
+        log.warning("onnx-int8: the quantised graph is not as planned (%d of %d MatMulNBits); serving the float graph",
+                    n_nbits, len(nbits))
+        return None
+    return model
