@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit demo train-meld train-emorynlp evaluate-meld clean
+.PHONY: venv test test-unit demo train-meld-mpnet train-meld train-emorynlp evaluate-meld clean
 
 $(STAMP): pyproject.toml
 	# redis-server for the local stack (Debian package; skipped when present).
@@ -32,6 +32,9 @@ demo: $(STAMP)
 	$(BIN)/emotion-monitor demo
 
 DATA ?= ../shared/data
+train-meld-mpnet: $(STAMP)
+	$(BIN)/emotion-monitor train --dataset meld --config model/configs/meld_mpnet.toml --data-dir $(DATA) --out model/weights/meld-mpnet
+
 train-meld: $(STAMP)
 	$(BIN)/emotion-monitor train --dataset meld --data-dir $(DATA) --out model/weights/meld
 

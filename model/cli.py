@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from model.config import WEIGHTS_DIR
+from model.config import DEFAULT_MODEL
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # model.backends.BACKENDS, spelled out so that `--help` does not import torch (tested equal)
@@ -48,7 +48,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         "final (streaming with the model's lookahead) and provisional (past context only); per-class F1 and a "
         "confusion-matrix PNG. With --json the last line printed is one JSON object.",
     )
-    p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld", help="artifact folder (default: the shipped MELD model)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="artifact folder (default: model/weights/meld-mpnet, the default MELD model)")
     p.add_argument("--dataset", choices=["meld", "emorynlp", "jsonl"], required=True, help="format of --data")
     p.add_argument("--data", type=Path, required=True, help="a MELD CSV, an EmoryNLP JSON or a labelled JSONL file")
     p.add_argument("--plot", type=Path, default=None, help="confusion-matrix PNG to write (default: confusion_<file>.png here)")
@@ -69,7 +69,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         "(float32, ~80 KB for MiniLM), with the SHA-256 of the artifact's model.safetensors. Run it once per "
         "artifact; the backend refuses an artifact without the file or whose weights changed since.",
     )
-    p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld", help="artifact folder (default: the shipped MELD model)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="artifact folder (default: model/weights/meld-mpnet, the default MELD model)")
     p.add_argument("--dataset", choices=["meld", "emorynlp", "jsonl"], default=None,
                    help="dataset whose train split is read (default: the one named in the artifact's config.json)")
     p.add_argument("--data-dir", type=Path, default=None, help="folder with meld/, emorynlp/ (default: $EMOTION_MONITOR_DATA_DIR or ../shared/data)")
@@ -142,7 +142,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "shapes; needs CUDA and `pip install 'emotion-monitor[tensorrt]'`). compile: runs torch.compile on typical shapes "
         "so its cache is warm (torch.compile has no portable file to save).",
     )
-    p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld", help="artifact folder")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="artifact folder (default: model/weights/meld-mpnet)")
     p.add_argument("--backend", choices=["export", "compile", "tensorrt"], default="export")
     p.add_argument("--out", type=Path, default=None, help="output file (default: <model>/encoder.<backend>.pt2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

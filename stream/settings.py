@@ -14,9 +14,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.config import WEIGHTS_DIR
-
-DEFAULT_MODEL = WEIGHTS_DIR / "meld"
+from model.config import DEFAULT_MODEL
 
 
 class Settings(BaseSettings):

@@ -59,7 +59,7 @@ def add_bench(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per measured phase, roughly (default 20)")
     p.add_argument("--conversations", type=int, default=32, help="concurrent conversations in the load (default 32)")
-    p.add_argument("--model", type=Path, default=None, help="artifact folder (default: the shipped MELD model)")
+    p.add_argument("--model", type=Path, default=None, help="artifact folder (default: model/weights/meld-mpnet, the default MELD model)")
     p.add_argument("--device", default="cpu", help="torch device for the in-process phases and the worker (default cpu)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes in one consumer group for the pipeline phase (default 1); with more than one, "

@@ -1,6 +1,6 @@
 """`emotion-monitor demo`: the whole pipeline on one machine, end to end.
 
-Starts a local Tansu broker and redis-server, a worker process with the shipped MELD model,
+Starts a local Tansu broker and redis-server, a worker process with the default MELD model,
 replays the bundled call-center conversations, shows the events live, shuts everything down
 and ends with one line:
 
@@ -42,7 +42,7 @@ def add_demo(sub) -> None:
     p.add_argument("--file", type=Path, default=SAMPLE, help="conversations to replay (.jsonl, MELD .csv or EmoryNLP .json)")
     p.add_argument("--speed", type=float, default=None,
                    help="replay speed (X times real time; 0 = all at once; default 20, with --score 0)")
-    p.add_argument("--model", type=Path, default=None, help="artifact folder (default: the shipped MELD model)")
+    p.add_argument("--model", type=Path, default=None, help="artifact folder (default: model/weights/meld-mpnet, the default MELD model)")
     p.add_argument("--quiet", action="store_true", help="do not print every event")
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     p.add_argument("--dashboard-port", type=int, default=None,

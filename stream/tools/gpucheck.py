@@ -29,7 +29,7 @@ import torch
 
 from model.artifact import load_artifact
 from model.backends import BackendUnavailable, build_encoder, tensorrt_available
-from model.config import WEIGHTS_DIR
+from model.config import DEFAULT_MODEL
 from model.encoders import load_tokenizer
 from model.encoding import encode_texts, tokenize
 from model.streaming import DialogueState, step
@@ -122,7 +122,7 @@ def _note(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stream.tools.gpucheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=WEIGHTS_DIR / "meld")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--json", action="store_true")
     p.add_argument("--path-seconds", type=float, default=2.0, help="seconds per stubbed-path batch size (default 2)")
     args = p.parse_args(argv)

@@ -177,9 +177,9 @@ MELD_DEV = default_data_dir() / "meld" / "dev_sent_emo.csv"
 @pytest.mark.slow
 @pytest.mark.skipif(not MELD_DEV.is_file(), reason=f"MELD dev split not found at {MELD_DEV}")
 def test_demo_score_of_the_meld_dev_split_equals_evaluate(capsys):
-    """The whole dev split through `demo --score --json` (local stack, a worker, the shipped model)."""
+    """The whole dev split through `demo --score --json` (local stack, a worker, the default model)."""
     from model.artifact import load_artifact
-    from model.config import WEIGHTS_DIR
+    from model.config import DEFAULT_MODEL
     from model.encoders import load_tokenizer
     from model.training.data import load_meld
     from model.training.evaluate import evaluate
@@ -190,7 +190,7 @@ def test_demo_score_of_the_meld_dev_split_equals_evaluate(capsys):
     report = json.loads(out[-1])
     print("replay report:", json.dumps(report))
     assert rc == 0 and report["lost"] == 0 and report["duplicate_final_ids"] == 0, report
-    model, _ = load_artifact(WEIGHTS_DIR / "meld")
+    model, _ = load_artifact(DEFAULT_MODEL)
     metrics, _, _ = evaluate(model, load_tokenizer(model.cfg), load_meld(MELD_DEV), modes=("final", "provisional"))
     print("evaluate:", json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
     assert report["sent"] == metrics["n_utterances"]
