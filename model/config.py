@@ -132,6 +132,9 @@ class TrainConfig:
     # that cache (model/training/hidden_cache.py): what makes a 12-layer MPNet trainable on a CPU. The lower
     # layers then run without dropout; off = the whole encoder in every step (the MiniLM recipes).
     cache_hidden: bool = False
+    # Store the trained encoder matrices as int8 with a scale per row (model/artifact.py): an MPNet
+    # artifact with 4 trained layers then fits one artifact's 50 MB (62.6 MB in float16).
+    int8_weights: bool = False
     max_train_dialogues: int | None = None  # for smoke runs
     max_si_scenes: int | None = None
     # ModelConfig fields set by the recipe ([model] table); labels come from the data.

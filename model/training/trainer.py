@@ -322,7 +322,8 @@ class Trainer:
             "best_epoch": result["best_epoch"],
             "device": str(self.device),
         }
-        path = save_artifact(self.model, self.out_dir, name=artifact_name(self.cfg.dataset, self.model_cfg.base_encoder), version=MODEL_VERSION, meta=meta)
+        path = save_artifact(self.model, self.out_dir, name=artifact_name(self.cfg.dataset, self.model_cfg.base_encoder), version=MODEL_VERSION, meta=meta,
+                             int8=self.cfg.int8_weights)
         # Reload exactly what ships, so the reported dev numbers are those of the artifact.
         from model.artifact import load_artifact
 

@@ -26,6 +26,29 @@ def test_artifact_round_trip_gives_the_same_outputs(tmp_path, tokenizer):
         np.testing.assert_allclose(a[mode], b[mode], atol=2e-3)
 
 
+def test_int8_weights_store_the_encoder_matrices_in_a_byte_and_load_back_close(tmp_path, tokenizer):
+    """save_artifact(int8=True): the encoder's matrices as int8 rows with a float16 scale each (the
+    MPNet artifact's 50 MB budget); loading dequantizes them, the rest is float16 as before."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(5)
+    model = EmotionSIModel(tiny_config()).eval()
+    path = save_artifact(model, tmp_path / "art8", name="tiny", version="0.0.1", int8=True)
+    stored = load_file(str(path / "model.safetensors"))
+    matrices = [k for k, v in stored.items() if k.startswith("encoder.") and v.dim() == 2 and not k.endswith(".int8_scale")]
+    assert matrices and all(stored[k].dtype == torch.int8 and k + ".int8_scale" in stored for k in matrices)
+    assert all(v.dtype != torch.int8 for k, v in stored.items() if not k.startswith("encoder."))
+    loaded, _ = load_artifact(path)
+    for name, t in model.state_dict().items():
+        if name in matrices:  # within half a quantisation step of each row
+            step = t.abs().amax(dim=1, keepdim=True) / 127
+            assert bool(((loaded.state_dict()[name] - t).abs() <= step * 0.51 + 1e-3).all()), name
+    dls = load_meld(write_meld_csv(tmp_path / "m.csv"))
+    a, b = score_dialogues(model, tokenizer, dls), score_dialogues(loaded, tokenizer, dls)
+    for mode in a:
+        np.testing.assert_allclose(a[mode], b[mode], atol=2e-2)
+
+
 def test_load_refuses_a_folder_without_an_artifact(tmp_path):
     with pytest.raises(FileNotFoundError, match="emotion-monitor train"):
         load_artifact(tmp_path)
