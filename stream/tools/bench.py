@@ -28,6 +28,10 @@ Figures (same utterances, same model, same machine, one run, since this machine 
                            measured directly (worker_overhead_core_ms_per_utt is the same quantity
                            as a difference of two large figures, which this machine's noise moves a lot)
   stubbed_overhead_vs_passthrough  stubbed_worker_core_ms_per_utt / passthrough_core_ms_per_msg
+  model_step_floor_vs_passthrough  (passthrough_core_ms_per_msg + path_model_step_ms_per_utt)
+                           / passthrough_core_ms_per_msg: the lowest stubbed_overhead_vs_passthrough a
+                           worker could reach with the network as it is, were its Redis state, events and
+                           rules free (it still does the passthrough's Kafka I/O and the model's step)
 Before the JSON line it prints where the CPU went during the sustained phase (core-ms per
 utterance for the worker, the broker, Redis and the bench's own load generator and consumer,
 from /proc) and the rate the machine's cores allow at that cost.
@@ -405,6 +409,7 @@ def bench_result(m: dict, scorer) -> dict:
         "stubbed_worker_utt_per_s": round(m["stub_rate"], 1),
         "stubbed_worker_core_ms_per_utt": _round(m["stub_cpu"], 3),
         "stubbed_overhead_vs_passthrough": _round(m["stub_cpu"] / m["pt_cpu"] if m["stub_cpu"] is not None and m["pt_cpu"] else None, 3),
+        "model_step_floor_vs_passthrough": _round((m["pt_cpu"] + step) / m["pt_cpu"] if m["pt_cpu"] else None, 3),
     }
 
 
@@ -483,6 +488,9 @@ def print_stubbed(rate: float, cpu_ms: float | None, passthrough_cpu_ms: float |
     print(f"stubbed   {rate:8.1f} utt/s  (the worker, encoder stubbed out: {cpu_ms:.2f} core-ms/utt = "
           f"{cpu_ms / passthrough_cpu_ms:.2f} x passthrough (target <= 2.0), measured directly; of which the model's "
           f"step ~{model_step_ms_per_utt:.2f})")
+    floor = (passthrough_cpu_ms + model_step_ms_per_utt) / passthrough_cpu_ms
+    print(f"  floor with the model's step as it is: {floor:.2f} x passthrough (passthrough + step, were Redis, "
+          "events and rules free)")
 
 
 def _round(x: float | None, digits: int) -> float | None:

@@ -24,7 +24,9 @@ KEYS = {"encoder_utt_per_s", "pipeline_utt_per_s", "naive_utt_per_s", "latency_p
         # the model's own step per utterance, and the overhead ratio without it
         "path_model_step_ms_per_utt", "overhead_beyond_model_vs_passthrough",
         # the worker with its encoder stubbed out: its overhead measured directly
-        "stubbed_worker_utt_per_s", "stubbed_worker_core_ms_per_utt", "stubbed_overhead_vs_passthrough"}
+        "stubbed_worker_utt_per_s", "stubbed_worker_core_ms_per_utt", "stubbed_overhead_vs_passthrough",
+        # that ratio's floor with the model's step as it is: the passthrough plus the step alone
+        "model_step_floor_vs_passthrough"}
 # The figures' presence and arithmetic do not depend on the model: the fast MELD model (MiniLM)
 # keeps these runs to half the time the default (MPNet) takes.
 FAST_MODEL = WEIGHTS_DIR / "meld"
@@ -59,6 +61,9 @@ def test_bench_json_has_exactly_the_documented_figures(tmp_path):
     stubbed = result["stubbed_worker_core_ms_per_utt"] / result["passthrough_core_ms_per_msg"]
     assert abs(result["stubbed_overhead_vs_passthrough"] - stubbed) <= 0.01 * stubbed + 0.002
     assert any(line.startswith("stubbed") for line in proc.stdout.splitlines())
+    floor = 1 + result["path_model_step_ms_per_utt"] / result["passthrough_core_ms_per_msg"]
+    assert result["model_step_floor_vs_passthrough"] > 1
+    assert abs(result["model_step_floor_vs_passthrough"] - floor) <= 0.01 * floor + 0.002
     assert any(line.startswith("path b256") for line in proc.stdout.splitlines())
 
 
