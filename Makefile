@@ -39,7 +39,7 @@ train-meld: $(STAMP)
 	$(BIN)/emotion-monitor train --dataset meld --data-dir $(DATA) --out model/weights/meld
 
 train-emorynlp: $(STAMP)
-	$(BIN)/emotion-monitor train --dataset emorynlp --data-dir $(DATA) --out model/weights/emorynlp
+	$(BIN)/emotion-monitor train --dataset emorynlp --config model/configs/emorynlp_mpnet.toml --data-dir $(DATA) --out model/weights/emorynlp --seed 14
 
 clean:
 	rm -rf $(VENV) .pytest_cache
