@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit demo train-meld-mpnet train-meld train-emorynlp evaluate-meld clean
+.PHONY: venv test test-unit demo train-meld-mpnet train-meld-small train-emorynlp clean
 
 $(STAMP): pyproject.toml
 	# redis-server for the local stack (Debian package; skipped when present).
@@ -35,8 +35,9 @@ DATA ?= ../shared/data
 train-meld-mpnet: $(STAMP)
 	$(BIN)/emotion-monitor train --dataset meld --config model/configs/meld_mpnet.toml --data-dir $(DATA) --out model/weights/meld-mpnet
 
-train-meld: $(STAMP)
-	$(BIN)/emotion-monitor train --dataset meld --data-dir $(DATA) --out model/weights/meld
+# The fast MiniLM model, taught by model/weights/meld-mpnet (train that one first if you retrain it).
+train-meld-small: $(STAMP)
+	$(BIN)/emotion-monitor train --dataset meld --config model/configs/meld_small.toml --data-dir $(DATA) --out model/weights/meld-small --seed 14
 
 train-emorynlp: $(STAMP)
 	$(BIN)/emotion-monitor train --dataset emorynlp --config model/configs/emorynlp_mpnet.toml --data-dir $(DATA) --out model/weights/emorynlp --seed 14

@@ -509,7 +509,7 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in():
     for out in (".venv", ".git", "runs", ".devcarry", ".env", ".pytest_cache", "emotion-monitor-data",
                 "stream/__pycache__/x.pyc"):
         assert dockerignored(out, patterns), f".dockerignore lets {out} into the build context"
-    for keep in ("pyproject.toml", "README.md", "model/modeling.py", "model/weights/meld/model.safetensors",
+    for keep in ("pyproject.toml", "README.md", "model/modeling.py", "model/weights/meld-small/model.safetensors",
                  "stream/worker/batch.py", "stream/schemas/utterance.schema.json"):
         assert not dockerignored(keep, patterns), f".dockerignore drops {keep}, which the image needs"
 

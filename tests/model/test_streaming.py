@@ -19,9 +19,9 @@ from model.streaming import DialogueState, finalize, step
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(scope="module", params=["meld-mpnet", "meld"])
+@pytest.fixture(scope="module", params=["meld-mpnet", "meld-small"])
 def meld(request):
-    """Each shipped MELD artifact: the default (MPNet) and the fast one (MiniLM)."""
+    """Each shipped MELD artifact: the default (MPNet) and the fast one (MiniLM, MPNet-taught)."""
     from model.artifact import load_artifact
 
     return load_artifact(WEIGHTS_DIR / request.param)[0]
