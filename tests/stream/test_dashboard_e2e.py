@@ -23,7 +23,7 @@ def off_thread(make_coro):
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(lambda: run(make_coro())).result(300)
-SHIPPED = Path(__file__).resolve().parents[2] / "model" / "weights" / "meld"
+SHIPPED = Path(__file__).resolve().parents[2] / "model" / "weights" / "meld-small"
 
 
 def test_replayed_escalation_shows_events_and_an_alert(stack, tmp_path):
