@@ -121,19 +121,6 @@ def calibrate(artifact: str | Path, dialogues, n: int = 1024, seed: int = 0, sou
     return path
 
 
-def ships_calibration(artifact: str | Path) -> bool:
-    """Whether `artifact` carries activation maxima of its own weights: what makes backend `auto`
-    choose onnx-int8 on the CPU. A stale file (weights changed since) is warned about and ignored."""
-    if not (Path(artifact) / ACT_MAX_FILE).exists():
-        return False
-    try:
-        load_act_max(artifact)
-    except CalibrationError as exc:
-        log.warning("backend auto serves the float encoder: %s", exc)
-        return False
-    return True
-
-
 def load_act_max(artifact: str | Path, encoder: torch.nn.Module | None = None) -> dict[str, np.ndarray]:
     """The stored maxima of `artifact`, checked against its weights (and `encoder`'s Linear layers)."""
     from safetensors import safe_open

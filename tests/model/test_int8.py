@@ -153,27 +153,6 @@ def test_missing_calibration_says_which_command_to_run(tmp_path):
         build_encoder(EmotionSIModel(tiny_config()).eval().encoder, "onnx-int8", CPU)
 
 
-def test_auto_serves_int8_only_for_an_artifact_shipping_its_own_calibration(artifact, tmp_path, caplog):
-    """An artifact opts into int8 on the CPU by carrying a calibration of its weights; without one,
-    or with one of other weights (warned), `auto` serves float onnx."""
-    import shutil
-
-    from model.artifact import save_artifact
-    from model.backends import choose_backend
-    from model.quantize import ACT_MAX_FILE
-
-    assert choose_backend("auto", CPU, artifact) == "onnx-int8"
-    assert choose_backend("auto", CPU) == "onnx"  # no folder to read a calibration from
-    assert choose_backend("onnx", CPU, artifact) == "onnx"  # an explicit choice stands
-    torch.manual_seed(1)
-    other = save_artifact(EmotionSIModel(tiny_config()).eval(), tmp_path / "other", name="tiny", version="2")
-    assert choose_backend("auto", CPU, other) == "onnx"
-    shutil.copy(artifact / ACT_MAX_FILE, other / ACT_MAX_FILE)
-    with caplog.at_level(logging.WARNING, logger="emotion_monitor.quantize"):
-        assert choose_backend("auto", CPU, other) == "onnx"
-    assert "backend auto serves the float encoder" in caplog.text and "other weights" in caplog.text
-
-
 def test_calibration_of_other_weights_is_refused(artifact, tmp_path):
     """Retrained into the same folder: the stored maxima no longer match model.safetensors."""
     import shutil
