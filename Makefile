@@ -37,7 +37,7 @@ train-meld-mpnet: $(STAMP)
 
 # The fast MiniLM model, taught by model/weights/meld-mpnet (train that one first if you retrain it).
 train-meld-small: $(STAMP)
-	$(BIN)/emotion-monitor train --dataset meld --config model/configs/meld_small.toml --data-dir $(DATA) --out model/weights/meld-small --seed 14
+	$(BIN)/emotion-monitor train --dataset meld --teacher model/weights/meld-mpnet --data-dir $(DATA) --out model/weights/meld-small --seed 14
 
 train-emorynlp: $(STAMP)
 	$(BIN)/emotion-monitor train --dataset emorynlp --config model/configs/emorynlp_mpnet.toml --data-dir $(DATA) --out model/weights/emorynlp --seed 14
