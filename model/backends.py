@@ -9,8 +9,12 @@ GRUs and heads stay eager (tiny, and their shapes vary with the number of conver
 | compile  | CPU or CUDA    | torch.compile with dynamic shapes; on CUDA float16 with CUDA graphs (mode "reduce-overhead") |
 | tensorrt | CUDA + extra   | torch-tensorrt, dynamic batch and sequence, float16 (`pip install 'emotion-monitor[tensorrt]'`) |
 | onnx     | CPU + extra    | ONNX Runtime, float32, exported at start-up (`pip install 'emotion-monitor[onnx]'`) |
-| onnx-int8 | CPU + extra   | as onnx, then SmoothQuant + int8 (`model.quantize`; opt-in, needs the artifact's stored calibration) |
-| auto     | anywhere       | CUDA: tensorrt if installed, else compile; CPU: onnx if installed, else eager |
+| onnx-int8 | CPU + extra   | as onnx, then SmoothQuant + int8 (`model.quantize`; needs the artifact's stored calibration) |
+| auto     | anywhere       | CUDA: tensorrt if installed, else compile; CPU: onnx-int8 for an artifact that ships a calibration of its weights, else onnx, if installed; else eager |
+
+An artifact opts into int8 on the CPU by carrying `encoder_act_max.safetensors` (`emotion-monitor
+calibrate`): ship it only with a model whose recipe kept its dev F1 within 0.2 in int8 over 3 seeds
+(its model card says so); without the file, or with one of other weights, `auto` serves float onnx.
 
 Why ONNX Runtime on CPU: eager PyTorch spends most of a small batch in per-operator overhead;
 ONNX Runtime fuses the transformer's operators. Measured here (2 cores, this configuration,
@@ -58,13 +62,19 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
 
 
-def choose_backend(requested: str, device: torch.device) -> str:
+def choose_backend(requested: str, device: torch.device, artifact: str | Path | None = None) -> str:
+    """The backend that serves `requested` on `device`; `artifact` (the model's folder) lets `auto`
+    pick onnx-int8 on the CPU when the artifact ships a calibration of its own weights."""
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}: use one of {', '.join(BACKENDS)}")
     if requested == "auto":
         if device.type == "cuda":
             return "tensorrt" if tensorrt_available() else "compile"
-        return "onnx" if onnxruntime_available() else "eager"
+        if not onnxruntime_available():
+            return "eager"
+        from model.quantize import ships_calibration
+
+        return "onnx-int8" if artifact is not None and ships_calibration(artifact) else "onnx"
     if requested in ONNX_BACKENDS:
         if not onnxruntime_available():
             raise BackendUnavailable(f"backend {requested!r} asked for, but ONNX Runtime is not installed: run "
@@ -85,7 +95,7 @@ def build_encoder(encoder: torch.nn.Module, backend: str, device: torch.device,
                   artifact: str | Path | None = None) -> tuple[str, EncodeFn]:
     """Returns (backend actually used, encode function). `artifact`: the folder the encoder was
     loaded from, where `onnx-int8` reads its calibration (`model.quantize`)."""
-    chosen = choose_backend(backend, device)
+    chosen = choose_backend(backend, device, artifact)
     log.info("encoder backend: %s (asked: %s, device: %s)", chosen, backend, device)
     if chosen == "eager":
         if device.type == "cuda":

@@ -54,8 +54,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, default=None, help="confusion-matrix PNG to write (default: confusion_<file>.png here)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--backend", choices=BACKENDS, default="eager",
-                   help="encoder backend on the CPU (default eager, float32, chunks of 64); onnx and onnx-int8 encode in "
-                   "chunks of 32 as the worker does (onnx-int8 needs `emotion-monitor calibrate` first)")
+                   help="encoder backend on the CPU (default eager: the model as trained, float32, chunks of 64); onnx "
+                   "(float32) and onnx-int8 encode in chunks of 32 as the worker does (onnx-int8 needs the artifact's "
+                   "calibration: `emotion-monitor calibrate`); auto scores with the encoder a worker serves on this "
+                   "machine (on a CPU: onnx-int8 for an artifact that ships its calibration, as the MELD models do)")
     p.set_defaults(func=run_evaluate)
 
 

@@ -1,25 +1,28 @@
 """The int8 encoder of the `onnx-int8` backend, and the calibration it reads from the artifact.
 
-The recipe (screened on both shipped models: docs/performance.md, "A faster CPU encoder that keeps
-its accuracy"), applied to the float graph that `model.backends.export_onnx` exports:
+The recipe (docs/performance.md, "int8 that does not depend on the batch"), applied to the float
+graph that `model.backends.export_onnx` exports:
 
 1. SmoothQuant (Xiao et al. 2023), alpha 0.85, on the query/key/value projections (one group: they
    read the same input), the FFN input and the FFN output: per input channel j, x_j / s_j (one Mul
    inserted in front of the group) and W_j,: * s_j, with s_j = max|x_j|^a / max|W_j,:|^(1-a), clipped
    to [1e-2, 1e2]. Exact in float; it moves MiniLM's activation outlier channels (LayerNorm outputs
    ~15x the median channel) into the weights, which are quantised per channel.
-2. Dynamic int8, per output channel (`quantize_dynamic`), on the q, k, v, attention-output and
-   FFN-input MatMuls.
-3. 8-bit block-wise weights with int8 compute (`MatMulNBits`, blocks of 128, accuracy_level 4) on
-   the FFN-output MatMuls, whose GELU inputs one activation scale per tensor handles badly.
+2. Every weight MatMul x @ W in int8 (`MatMulInteger`): W per output column (symmetric, stored in
+   the graph), x per row, i.e. per token, with the row's own minimum and maximum (asymmetric, 8
+   bits, computed by the graph at run time). y = s_x (x_q @ W_q - z_x * colsum(W_q)) s_W.
+
+Why one scale per row: ONNX Runtime's dynamic quantisation (`quantize_dynamic`) picks one activation
+scale per call, over every token of every utterance in the batch, so an utterance's vector depended
+on which utterances shared its batch (up to 0.12 in a vector coordinate, on every utterance):
+the live worker, which batches whatever arrives, then scored differently from `evaluate` and from
+itself under other traffic. With a scale per token, a token's arithmetic is the same in any batch
+(vectors equal to float32 rounding; tested), so streaming equals offline in int8 as in float.
 
 Step 1 needs the maximum |x| per input channel of every Linear layer of the encoder, over training
 text. They are computed once per artifact (`emotion-monitor calibrate`, from the train split) and
 stored beside the weights as `encoder_act_max.safetensors` with the SHA-256 of the artifact's
-`model.safetensors`, so a retrained artifact never uses stale maxima. (ONNX Runtime's own
-SmoothQuant, `quantize_static(..., extra_options={"SmoothQuant": True})`, needs neural-compressor
-and calibrates at quantisation time from a data reader, i.e. from training data at every start;
-steps 2 and 3 are ONNX Runtime's tools.)
+`model.safetensors`, so a retrained artifact never uses stale maxima.
 
 The graph's weight MatMuls are matched to the encoder's Linear modules in order and each weight
 is checked to equal `module.weight.T`; if the graph is not as expected, the float graph is served
@@ -28,10 +31,8 @@ and a warning logged.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,11 +46,9 @@ log = logging.getLogger("emotion_monitor.quantize")
 ACT_MAX_FILE = "encoder_act_max.safetensors"
 FORMAT = "emotion-monitor-act-max/1"
 ALPHA = 0.85
-NBITS_BLOCK = 128
 # Position of each Linear within a transformer layer (BERT and MPNet register them in this order).
 ROLES = ("q", "k", "v", "o", "f1", "f2")
 SMOOTHED = (("q", "k", "v"), ("f1",), ("f2",))  # groups that share one input
-DYNAMIC = ("q", "k", "v", "o", "f1")  # dynamic int8; f2: MatMulNBits
 
 
 class CalibrationError(RuntimeError):
@@ -119,6 +118,19 @@ def calibrate(artifact: str | Path, dialogues, n: int = 1024, seed: int = 0, sou
     save_file({k: v.contiguous() for k, v in stats.items()}, str(path), metadata=meta)
     log.info("wrote %s: %d layers, %d texts", path, len(stats), len(texts))
     return path
+
+
+def ships_calibration(artifact: str | Path) -> bool:
+    """Whether `artifact` carries activation maxima of its own weights: what makes backend `auto`
+    choose onnx-int8 on the CPU. A stale file (weights changed since) is warned about and ignored."""
+    if not (Path(artifact) / ACT_MAX_FILE).exists():
+        return False
+    try:
+        load_act_max(artifact)
+    except CalibrationError as exc:
+        log.warning("backend auto serves the float encoder: %s", exc)
+        return False
+    return True
 
 
 def load_act_max(artifact: str | Path, encoder: torch.nn.Module | None = None) -> dict[str, np.ndarray]:
@@ -224,64 +236,68 @@ def smoothed_graph(proto, encoder: torch.nn.Module, act_max: dict[str, np.ndarra
     return model, plan
 
 
-def int8_encoder_graph(proto, encoder: torch.nn.Module, act_max: dict[str, np.ndarray], alpha: float = ALPHA,
-                       block: int = NBITS_BLOCK):
-    """The int8 graph (SmoothQuant, dynamic int8 on q/k/v/o/f1, MatMulNBits 8-bit on f2) of the float
-    encoder graph `proto` (left unchanged), or None when the graph does not map onto `encoder`."""
+def int8_encoder_graph(proto, encoder: torch.nn.Module, act_max: dict[str, np.ndarray], alpha: float = ALPHA):
+    """The int8 graph (SmoothQuant, then every weight MatMul in int8 with per-row activation scales)
+    of the float encoder graph `proto` (left unchanged), or None when the graph does not map onto `encoder`."""
     smoothed = smoothed_graph(proto, encoder, act_max, alpha)
     if smoothed is None:
         return None
-    with _quiet_ort_quantization():
-        return _quantize(*smoothed, block)
-
-
-@contextlib.contextmanager
-def _quiet_ort_quantization():
-    """ONNX Runtime's quantisers configure the root logger when imported (`logging.basicConfig` at
-    INFO) and log every node they visit, partly through the root logger: noise in a worker's log.
-    The root logger is left as it was, and their records below ERROR are dropped while they run."""
-    root, ort_log = logging.getLogger(), logging.getLogger("onnxruntime.quantization")
-    handlers, level, ort_level = list(root.handlers), root.level, ort_log.level
-
-    def errors_only(record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
-
-    root.addFilter(errors_only)  # applies to records logged on the root logger itself only
-    ort_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.removeFilter(errors_only)
-        ort_log.setLevel(ort_level)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
-def _quantize(model, plan: list[dict], block: int):
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
-    dynamic = [p["node"].name for p in plan if p["role"] in DYNAMIC]
-    nbits = {p["node"].name for p in plan if p["role"] not in DYNAMIC}
-    with tempfile.TemporaryDirectory(prefix="emotion-monitor-int8-") as tmp:
-        # quantize_dynamic writes its result to a file
-        quantize_dynamic(model, Path(tmp) / "dynamic.onnx", op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=dynamic)
-        model = onnx.load(str(Path(tmp) / "dynamic.onnx"))
-    others = [nd.name for nd in model.graph.node if nd.op_type == "MatMul" and nd.name not in nbits]
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=8,
-                                          op_types_to_quantize=("MatMul",))
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=others)
-    quantizer.process()
-    model = quantizer.model.model
-    names = {nd.name for nd in model.graph.node}
-    n_nbits = sum(nd.op_type == "MatMulNBits" for nd in model.graph.node)
-    if n_nbits != len(nbits) or any(p["node"].name in names for p in plan):
-        log.warning("onnx-int8: the quantised graph is not as planned (%d of %d MatMulNBits); serving the float graph",
-                    n_nbits, len(nbits))
-        return None
+    model, plan = smoothed
+    _row_int8(model, plan)
     return model
+
+
+def _row_int8(model, plan: list[dict]) -> None:
+    """In place: each planned MatMul x @ W becomes integer arithmetic, x quantised per row to uint8
+    with its own scale and zero point (one group of nodes per distinct x: q, k and v share theirs),
+    W per output column to int8; the output keeps the MatMul's name, so the bias Add that reads it
+    is unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consts = {"rowq_axes": np.array([-1], dtype=np.int64), "rowq_zero": np.array(0.0, dtype=np.float32),
+              "rowq_255": np.array(255.0, dtype=np.float32), "rowq_inv255": np.array(1.0 / 255, dtype=np.float32),
+              "rowq_eps": np.array(1e-12, dtype=np.float32)}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    by_node = {p["node"].name: p for p in plan}
+    quantised: dict[str, tuple[str, str, str]] = {}  # x -> (x_q, scale, zero point), each (rows, 1)
+    nodes = []
+
+    def op(kind: str, inputs: list[str], out: str, **attrs) -> str:
+        nodes.append(helper.make_node(kind, inputs, [out], name=out, **attrs))
+        return out
+
+    for node in list(graph.node):
+        if node.name not in by_node:
+            nodes.append(node)
+            continue
+        x = node.input[0]
+        if x not in quantised:
+            t = f"rowq{len(quantised)}"
+            # the row's range always includes 0, so that 0 (padding, ReLU-like zeros) is exact
+            hi = op("Max", [op("ReduceMax", [x, "rowq_axes"], f"{t}_max", keepdims=1), "rowq_zero"], f"{t}_hi")
+            lo = op("Min", [op("ReduceMin", [x, "rowq_axes"], f"{t}_min", keepdims=1), "rowq_zero"], f"{t}_lo")
+            scale = op("Max", [op("Mul", [op("Sub", [hi, lo], f"{t}_range"), "rowq_inv255"], f"{t}_s"), "rowq_eps"], f"{t}_scale")
+            inv = op("Reciprocal", [scale], f"{t}_inv")
+            zero = op("Round", [op("Neg", [op("Mul", [lo, inv], f"{t}_lo_q")], f"{t}_zp_f")], f"{t}_zp")
+            q = op("Round", [op("Mul", [x, inv], f"{t}_x_s")], f"{t}_x_r")
+            q = op("Clip", [op("Add", [q, zero], f"{t}_x_z"), "rowq_zero", "rowq_255"], f"{t}_x_c")
+            quantised[x] = (op("Cast", [q], f"{t}_x_q", to=TensorProto.UINT8), scale, zero)
+        x_q, scale, zero = quantised[x]
+        w = numpy_helper.to_array(inits[node.input[1]])
+        w_scale = (np.maximum(np.abs(w).max(0), 1e-12) / 127.0).astype(np.float32)
+        w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        name = node.name
+        graph.initializer.extend([numpy_helper.from_array(w_q, f"{name}_w_q"), numpy_helper.from_array(w_scale, f"{name}_w_scale"),
+                                  numpy_helper.from_array(w_q.sum(0, dtype=np.int64).astype(np.float32), f"{name}_w_colsum")])
+        acc = op("Cast", [op("MatMulInteger", [x_q, f"{name}_w_q"], f"{name}_i32")], f"{name}_acc", to=TensorProto.FLOAT)
+        acc = op("Sub", [acc, op("Mul", [zero, f"{name}_w_colsum"], f"{name}_zp_corr")], f"{name}_acc0")
+        nodes.append(helper.make_node("Mul", [op("Mul", [acc, f"{name}_w_scale"], f"{name}_y_w"), scale], [node.output[0]],
+                                      name=f"{name}_y"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for nd in graph.node for i in nd.input}
+    keep = [i for i in graph.initializer if i.name in used]  # the float weights go
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

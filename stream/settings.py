@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     model_path: Path = Field(DEFAULT_MODEL, description="trained artifact folder")
     device: str = Field("auto", description="torch device: auto, cpu, cuda")
     backend: str = Field("auto", pattern="^(auto|eager|compile|tensorrt|onnx|onnx-int8)$",
-                         description="encoder backend: auto (CUDA: tensorrt > compile; CPU: onnx > eager), eager, compile, tensorrt, onnx, onnx-int8 (opt-in: ~2x the encoder's speed; needs the model's calibration, which the shipped MELD models carry, or `emotion-monitor calibrate`)")
+                         description="encoder backend: auto (CUDA: tensorrt > compile; CPU: onnx-int8 for a model that ships its calibration, as the MELD models do, else onnx > eager), eager, compile, tensorrt, onnx (float32), onnx-int8 (~2x the encoder's speed; needs the model's calibration, `emotion-monitor calibrate`)")
     # Idleness is measured in event time (Kafka message timestamps of the partition), see
     # stream/core/conversation.py PartitionClock: a worker catching up on a backlog does not flush.
     idle_finalize_s: float = Field(30.0, gt=0, description="a conversation quiet this long (event time) gets its pending utterances finalised; it stays open")

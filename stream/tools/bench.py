@@ -8,6 +8,8 @@ Figures (same utterances, same model, same machine, one run, since this machine 
   step_ms_ratio_long_short per-utterance cost (state load + step + events + alert rules + state save,
                            encoder excluded) at position 200 of a conversation over position 5,
                            the two positions timed alternately
+  device, encoder_backend  where the model ran and the encoder backend served (backend auto on a CPU:
+                           onnx-int8 for a model that ships its calibration, else onnx)
   passthrough_core_ms_per_msg   CPU per message of a passthrough faust worker (stream/tools/passthrough.py:
                            same settings and micro-batching, validation, one event of a real event's
                            size per utterance; no model, no Redis) under the same load: the floor
@@ -397,6 +399,7 @@ def bench_result(m: dict, scorer) -> dict:
         "latency_p99_ms": round(float(p99), 1),
         "step_ms_ratio_long_short": round(m["long_ms"] / m["short_ms"], 3),
         "device": str(scorer.device),
+        "encoder_backend": scorer.backend,
         "passthrough_msg_per_s": round(m["pt_rate"], 1),
         "passthrough_core_ms_per_msg": _round(m["pt_cpu"], 3),
         "worker_overhead_core_ms_per_utt": _round(overhead, 3),

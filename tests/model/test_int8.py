@@ -99,14 +99,16 @@ def test_smoothing_alone_is_exact_in_float(artifact, exported, tokenizer):
 
 
 def test_int8_encoder_is_quantised_and_close_to_eager(exported, tokenizer):
-    """SmoothQuant + int8 graph: every weight MatMul replaced (10 dynamic int8, 2 MatMulNBits), and each
-    utterance vector within cosine 0.99 of eager float32 (a wrong smoothing, e.g. W * s without x / s,
-    breaks this)."""
+    """SmoothQuant + int8 graph: every weight MatMul replaced by integer arithmetic (12 MatMulInteger),
+    one per-row quantisation per distinct input (q, k, v share one: 4 a layer), and each utterance
+    vector within cosine 0.99 of eager float32 (a wrong smoothing, e.g. W * s without x / s, or a
+    missing zero-point correction, breaks this)."""
     from model.backends import ort_encoder
 
     model, proto, graph = exported
     ops = [nd.op_type for nd in graph.graph.node]
-    assert ops.count("MatMulNBits") == 2 and ops.count("MatMulInteger") == 10
+    assert ops.count("MatMulInteger") == 12 and ops.count("MatMul") == sum(nd.op_type == "MatMul" for nd in proto.graph.node) - 12
+    assert ops.count("ReduceMin") == 8  # (qkv, o, f1, f2) x 2 layers
     assert sum(nd.name.startswith("smoothquant_mul_") for nd in graph.graph.node) == 6  # (qkv, f1, f2) x 2 layers
     assert sum(nd.op_type == "MatMul" for nd in proto.graph.node) == 16  # the float graph is left as it was
     fn = ort_encoder(graph)
@@ -116,6 +118,25 @@ def test_int8_encoder_is_quantised_and_close_to_eager(exported, tokenizer):
     cos = torch.nn.functional.cosine_similarity(ref, got, dim=-1)
     assert cos.shape == (len(TEXTS),) and float(cos.min()) >= 0.99
     assert float((ref - got).abs().max()) > 1e-6  # not the float graph
+
+
+def test_int8_vectors_do_not_depend_on_the_batch(exported, tokenizer):
+    """An utterance's int8 vector is the same alone, in a batch, and beside other (longer, louder)
+    utterances: what lets the live worker, which batches whatever arrives, score as `evaluate` does.
+    (Dynamic quantisation, one activation scale per call, failed this: 3e-4 apart here, up to 0.12 on
+    the shipped models.)"""
+    from model.backends import ort_encoder
+
+    _, _, graph = exported
+    fn = ort_encoder(graph)
+    ids, mask = tokenize(tokenizer, TEXTS, 64)
+    with torch.inference_mode():
+        together = fn(ids, mask)
+        for i, text in enumerate(TEXTS):
+            alone = fn(*tokenize(tokenizer, [text], 64))[0]
+            beside = fn(*tokenize(tokenizer, [text, TEXTS[1] + " " + TEXTS[1].upper() + "!!!"], 64))[0]
+            assert float((alone - together[i]).abs().max()) < 1e-5, text
+            assert float((alone - beside).abs().max()) < 1e-5, text
 
 
 def test_scorer_runs_end_to_end_with_onnx_int8(artifact):
@@ -151,6 +172,27 @@ def test_missing_calibration_says_which_command_to_run(tmp_path):
         main(["evaluate", "--model", str(path), "--dataset", "meld", "--data", str(data), "--backend", "onnx-int8"])
     with pytest.raises(BackendUnavailable, match="artifact folder"):
         build_encoder(EmotionSIModel(tiny_config()).eval().encoder, "onnx-int8", CPU)
+
+
+def test_auto_serves_int8_only_for_an_artifact_shipping_its_own_calibration(artifact, tmp_path, caplog):
+    """An artifact opts into int8 on the CPU by carrying a calibration of its weights; without one,
+    or with one of other weights (warned), `auto` serves float onnx."""
+    import shutil
+
+    from model.artifact import save_artifact
+    from model.backends import choose_backend
+    from model.quantize import ACT_MAX_FILE
+
+    assert choose_backend("auto", CPU, artifact) == "onnx-int8"
+    assert choose_backend("auto", CPU) == "onnx"  # no folder to read a calibration from
+    assert choose_backend("onnx", CPU, artifact) == "onnx"  # an explicit choice stands
+    torch.manual_seed(1)
+    other = save_artifact(EmotionSIModel(tiny_config()).eval(), tmp_path / "other", name="tiny", version="2")
+    assert choose_backend("auto", CPU, other) == "onnx"
+    shutil.copy(artifact / ACT_MAX_FILE, other / ACT_MAX_FILE)
+    with caplog.at_level(logging.WARNING, logger="emotion_monitor.quantize"):
+        assert choose_backend("auto", CPU, other) == "onnx"
+    assert "backend auto serves the float encoder" in caplog.text and "other weights" in caplog.text
 
 
 def test_calibration_of_other_weights_is_refused(artifact, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from model.config import WEIGHTS_DIR
 
 KEYS = {"encoder_utt_per_s", "pipeline_utt_per_s", "naive_utt_per_s", "latency_p50_ms", "latency_p99_ms",
-        "step_ms_ratio_long_short", "device",
+        "step_ms_ratio_long_short", "device", "encoder_backend",
         # issue 15: the worker's overhead against a passthrough faust worker, and the step path's rate
         "passthrough_msg_per_s", "passthrough_core_ms_per_msg", "worker_overhead_core_ms_per_utt",
         "overhead_vs_passthrough", "path_utt_per_s_b64", "path_utt_per_s_b256",
@@ -42,7 +42,11 @@ def test_bench_json_has_exactly_the_documented_figures(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == KEYS
     assert result["device"] == "cpu"
-    for key in KEYS - {"device"} - SIGNED:
+    # backend auto on a CPU: int8 for a model that ships its calibration, else float
+    from model.quantize import ships_calibration
+
+    assert result["encoder_backend"] == ("onnx-int8" if ships_calibration(FAST_MODEL) else "onnx")
+    for key in KEYS - {"device", "encoder_backend"} - SIGNED:
         assert isinstance(result[key], float) and result[key] > 0, key
     for key in SIGNED:
         assert isinstance(result[key], float), key

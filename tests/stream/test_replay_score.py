@@ -177,10 +177,14 @@ MELD_DEV = default_data_dir() / "meld" / "dev_sent_emo.csv"
 @pytest.mark.slow
 @pytest.mark.skipif(not MELD_DEV.is_file(), reason=f"MELD dev split not found at {MELD_DEV}")
 def test_demo_score_of_the_meld_dev_split_equals_evaluate(capsys):
-    """The whole dev split through `demo --score --json` (local stack, a worker, the default model)."""
-    from model.artifact import load_artifact
+    """The whole dev split through `demo --score --json` (local stack, a worker, the default model),
+    against `evaluate` with the encoder the worker serves on this machine (backend auto: on a CPU,
+    int8 for the default model, which ships its calibration). int8 is held to the same equality as
+    float: its vectors must not depend on which utterances the worker batched together."""
+    import torch
+
     from model.config import DEFAULT_MODEL
-    from model.encoders import load_tokenizer
+    from model.scorer import Scorer
     from model.training.data import load_meld
     from model.training.evaluate import evaluate
     from stream.cli import main
@@ -190,8 +194,9 @@ def test_demo_score_of_the_meld_dev_split_equals_evaluate(capsys):
     report = json.loads(out[-1])
     print("replay report:", json.dumps(report))
     assert rc == 0 and report["lost"] == 0 and report["duplicate_final_ids"] == 0, report
-    model, _ = load_artifact(DEFAULT_MODEL)
-    metrics, _, _ = evaluate(model, load_tokenizer(model.cfg), load_meld(MELD_DEV), modes=("final", "provisional"))
-    print("evaluate:", json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
+    scorer = Scorer(DEFAULT_MODEL, "auto", backend="auto")
+    metrics, _, _ = evaluate(scorer.model, scorer.tokenizer, load_meld(MELD_DEV), modes=("final", "provisional"),
+                             encode=lambda texts: torch.from_numpy(scorer.encode(texts)))
+    print("evaluate:", scorer.backend, json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
     assert report["sent"] == metrics["n_utterances"]
     assert abs(report["weighted_f1_final"] - metrics["weighted_f1_final"]) <= 0.3, (report, metrics)
