@@ -260,7 +260,7 @@ def _row_int8(model, plan: list[dict]) -> None:
               "rowq_255": np.array(255.0, dtype=np.float32), "rowq_inv255": np.array(1.0 / 255, dtype=np.float32),
               "rowq_eps": np.array(1e-12, dtype=np.float32)}
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    by_node = {p["node"].name: p for p in plan}
+    planned = {p["node"].name for p in plan}
     quantised: dict[str, tuple[str, str, str]] = {}  # x -> (x_q, scale, zero point), each (rows, 1)
     nodes = []
 
@@ -269,7 +269,7 @@ def _row_int8(model, plan: list[dict]) -> None:
         return out
 
     for node in list(graph.node):
-        if node.name not in by_node:
+        if node.name not in planned:
             nodes.append(node)
             continue
         x = node.input[0]

@@ -42,10 +42,8 @@ def test_bench_json_has_exactly_the_documented_figures(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == KEYS
     assert result["device"] == "cpu"
-    # backend auto on a CPU: int8 for a model that ships its calibration, else float
-    from model.quantize import ships_calibration
-
-    assert result["encoder_backend"] == ("onnx-int8" if ships_calibration(FAST_MODEL) else "onnx")
+    # backend auto on a CPU: int8 for a model that ships its calibration, as meld-small does
+    assert result["encoder_backend"] == "onnx-int8"
     for key in KEYS - {"device", "encoder_backend"} - SIGNED:
         assert isinstance(result[key], float) and result[key] > 0, key
     for key in SIGNED:
